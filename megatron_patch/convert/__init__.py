@@ -1,0 +1,1 @@
+"""Checkpoint layout and HF <-> Megatron conversion (sharding rules, mapping tables, IO)."""

@@ -1,0 +1,1 @@
+"""Model families: one folder each (config table, layer spec, weight mapping), plus shared pieces."""

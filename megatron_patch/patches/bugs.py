@@ -1,0 +1,58 @@
+"""Fixes for megatron-core bugs that are not CPU-specific (they hit whenever TE/Apex are absent).
+
+Each is applied on every device; each names the line of megatron-core 0.16.1 it works around.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from megatron_patch.patches import register
+
+
+@register("moe.te_general_gemm", "megatron.core.transformer.moe.moe_utils.te_general_gemm",
+          "only defined when TE imports (moe_utils.py:22-39) but the router tests it for None "
+          "(:1192): NameError for every MoE model without TE", stage="megatron", when="always")
+def _moe_te_general_gemm():
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+@register("distopt.torch_adam_step",
+          "DistributedOptimizer._set_main_param_and_optimizer_states/load_state_dict",
+          "with torch AdamW (no TE/Apex): loading a fully_reshardable state raises KeyError 'step' "
+          "(distrib_optimizer.py:936), and load_state_dict gives every parameter ONE shared step "
+          "tensor that AdamW bumps once per parameter: wrong bias correction after resume (:818)",
+          stage="megatron", when="always")
+def _distopt_torch_adam_step():
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return  # fused Adam keeps step in the param group: the bug cannot happen
+    cls = distrib_optimizer.DistributedOptimizer
+    set_states = cls._set_main_param_and_optimizer_states
+    load_sd = cls.load_state_dict
+
+    @functools.wraps(set_states)
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if "step" not in tensors:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            step = self.optimizer.state[main_param].get("step")
+            if step is not None:
+                tensors = dict(tensors, step=step)
+        return set_states(self, model_param, tensors)
+
+    @functools.wraps(load_sd)
+    def load_state_dict(self, state_dict):
+        out = load_sd(self, state_dict)
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+        return out
+
+    cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+    cls.load_state_dict = load_state_dict

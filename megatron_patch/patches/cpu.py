@@ -1,0 +1,258 @@
+"""CPU platform patches: route megatron-core's hard-coded CUDA calls to the CPU when no GPU is used.
+
+torch-level patches replace ``torch.cuda.*`` functions that can only raise on a CPU-only process, so
+they cannot break code that works today. megatron-level patches are narrow: a module-local ``torch``
+proxy for modules that build tensors with ``device="cuda"``, CPU RNG state for the RNG tracker, and
+CUDA type names inside three dtype checks. See docs/cpu_platform.md for the evidence behind each.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import logging
+import types
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from megatron_patch.patches import register
+
+# --------------------------------------------------------------------------------------------------
+# torch level (before megatron-core is imported)
+# --------------------------------------------------------------------------------------------------
+
+
+@register("cuda.current_device", "torch.cuda.current_device",
+          "~175 megatron-core sites pass device=torch.cuda.current_device() (RoPE, init, p2p)",
+          stage="torch", when="cpu")
+def _cuda_current_device():
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.is_available = lambda: False  # hidden GPUs must stay hidden (MEGATRON_PATCH_DEVICE=cpu)
+
+
+@register("cuda.rng", "torch.cuda.get_rng_state/set_rng_state/manual_seed(_all)",
+          "CudaRNGStatesTracker and model_parallel_cuda_manual_seed seed the CUDA generator",
+          stage="torch", when="cpu")
+def _cuda_rng():
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.random.get_rng_state = torch.cuda.get_rng_state
+    torch.cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
+    torch.cuda.manual_seed = lambda seed: None  # the CPU generator is seeded by torch.manual_seed
+    torch.cuda.manual_seed_all = lambda seed: None
+
+
+@register("cuda.synchronize", "torch.cuda.synchronize",
+          "p2p communication (batch_p2p_sync), DDP, timers and checkpointing synchronise the GPU",
+          stage="torch", when="cpu")
+def _cuda_synchronize():
+    torch.cuda.synchronize = lambda device=None: None
+
+
+class _NoopEvent:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None):
+        return None
+
+    def synchronize(self):
+        return None
+
+    def wait(self, stream=None):
+        return None
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+class _NoopStream:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other):
+        return None
+
+    def wait_event(self, event):
+        return None
+
+    def record_event(self, event=None):
+        return event or _NoopEvent()
+
+    def synchronize(self):
+        return None
+
+    def query(self):
+        return True
+
+
+@register("cuda.streams", "torch.cuda.Stream/Event/current_stream/default_stream/stream",
+          "the MoE alltoall dispatcher builds a side stream and synchronises on its events",
+          stage="torch", when="cpu")
+def _cuda_streams():
+    torch.cuda.Stream = _NoopStream
+    torch.cuda.Event = _NoopEvent
+    _default = _NoopStream()
+    torch.cuda.current_stream = lambda device=None: _default
+    torch.cuda.default_stream = lambda device=None: _default
+    torch.cuda.stream = lambda s=None: contextlib.nullcontext()
+
+
+@register("tensor.cuda", "torch.Tensor.cuda",
+          "explicit .cuda() calls in the distributed optimizer's dp-zero gather and tensor_parallel.data",
+          stage="torch", when="cpu")
+def _tensor_cuda():
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
+@register("cuda.nvtx", "torch.cuda.nvtx.range_push/range_pop/mark/range",
+          "NVTX markers in inference and timers", stage="torch", when="cpu")
+def _cuda_nvtx():
+    nvtx = torch.cuda.nvtx
+    nvtx.range_push = lambda *a, **k: None
+    nvtx.range_pop = lambda *a, **k: None
+    nvtx.mark = lambda *a, **k: None
+    nvtx.range = lambda *a, **k: contextlib.nullcontext()
+
+
+@register("cuda.memory_stats", "torch.cuda.memory_allocated/max_memory_allocated/empty_cache",
+          "memory reporting and cache release in training and inference loops",
+          stage="torch", when="cpu")
+def _cuda_memory():
+    torch.cuda.memory_allocated = lambda device=None: 0
+    torch.cuda.max_memory_allocated = lambda device=None: 0
+    torch.cuda.memory_reserved = lambda device=None: 0
+    torch.cuda.empty_cache = lambda: None
+
+
+# --------------------------------------------------------------------------------------------------
+# megatron level
+# --------------------------------------------------------------------------------------------------
+
+
+@register("rng.tracker_state",
+          "megatron.core.tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state",
+          "CudaRNGStatesTracker.fork swaps the CUDA generator; on CPU the CPU generator plays it",
+          stage="megatron", when="cpu")
+def _rng_tracker_state():
+    from megatron.core.tensor_parallel import random as mr
+
+    mr._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    mr._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    # fork() warns "CPU RNG state changed within GPU RNG context" on every call: expected here.
+    logging.getLogger(mr.__name__).setLevel(logging.ERROR)
+
+
+_FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn", "randint",
+              "as_tensor", "triu", "tril")
+
+
+def _cpu_kwargs(kwargs):
+    dev = kwargs.get("device")
+    if dev is not None and "cuda" in str(dev):
+        kwargs["device"] = "cpu"
+    kwargs.pop("pin_memory", None)
+    return kwargs
+
+
+class _TorchCpuProxy(types.ModuleType):
+    """A stand-in for the ``torch`` module inside one megatron-core module: tensor factories called
+    with ``device="cuda"`` build on the CPU; everything else is torch itself."""
+
+    def __init__(self):
+        super().__init__("torch")
+        for name in _FACTORIES:
+            real = getattr(torch, name)
+            setattr(self, name, self._wrap(real))
+
+    @staticmethod
+    def _wrap(real):
+        @functools.wraps(real)
+        def factory(*args, **kwargs):
+            return real(*args, **_cpu_kwargs(kwargs))
+
+        return factory
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+_SHIMMED = (
+    "megatron.core.pipeline_parallel.schedules",  # total_num_tokens = torch.zeros(..., device="cuda")
+    "megatron.core.optimizer.optimizer",  # found_inf, _scale, _dummy_overflow_buf
+    "megatron.core.optimizer.clip_grads",  # grad norm and zero-count buffers
+    "megatron.core.utils",  # local_multi_tensor_l2_norm (no-Apex/TE grad-norm fallback)
+    "megatron.core.transformer.utils",  # get_default_causal_mask (inference prefill)
+    "megatron.core.tensor_parallel.data",  # broadcast_data size buffers
+    "megatron.core.inference.text_generation_controllers.text_generation_controller",
+)
+
+
+@register("shim.cuda_factories", ", ".join(m.rsplit(".", 1)[-1] + ".torch" for m in _SHIMMED),
+          "these modules build tensors with device='cuda' (and pin_memory); a module-local torch "
+          "proxy builds them on the CPU", stage="megatron", when="cpu")
+def _shim_cuda_factories():
+    proxy = _TorchCpuProxy()
+    for mod_name in _SHIMMED:
+        mod = importlib.import_module(mod_name)
+        if getattr(mod, "torch", None) is None:
+            raise AttributeError(f"{mod_name} has no module global 'torch'")
+        mod.torch = proxy
+
+
+class _CudaTypeNames(TorchFunctionMode):
+    """Makes the no-argument ``Tensor.type()`` answer 'torch.cuda.*Tensor' for CPU tensors."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            if name.startswith("torch.") and not name.startswith("torch.cuda."):
+                return "torch.cuda." + name[len("torch."):]
+            return name
+        return func(*args, **kwargs)
+
+
+def _with_cuda_type_names(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _CudaTypeNames():
+            return fn(*args, **kwargs)
+
+    wrapper.__megatron_patch_wrapped__ = True
+    return wrapper
+
+
+@register("typenames.optimizer",
+          "clip_grad_by_total_norm_fp32, Float16OptimizerWithFloat16Params.__init__, "
+          "DistributedOptimizer._build_model_and_main_param_groups",
+          "dtype checks compare Tensor.type() with 'torch.cuda.FloatTensor' strings",
+          stage="megatron", when="cpu")
+def _typenames_optimizer():
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    optimizer.clip_grad_by_total_norm_fp32 = _with_cuda_type_names(optimizer.clip_grad_by_total_norm_fp32)
+    cls = optimizer.Float16OptimizerWithFloat16Params
+    cls.__init__ = _with_cuda_type_names(cls.__init__)
+    do = distrib_optimizer.DistributedOptimizer
+    do._build_model_and_main_param_groups = staticmethod(
+        _with_cuda_type_names(do._build_model_and_main_param_groups))
+
+
+@register("moe.dtoh_as_numpy", "megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu",
+          "all_to_all_single needs split sizes as lists; the original converts only CUDA tensors",
+          stage="megatron", when="cpu")
+def _moe_dtoh_as_numpy():
+    from megatron.core.transformer.moe import token_dispatcher
+
+    original = token_dispatcher.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor) and not tensor.is_cuda and as_numpy:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
