@@ -14,6 +14,12 @@ from megatron_patch import platform  # noqa: E402  (decides the device before me
 from megatron_patch import patches as _patches  # noqa: E402
 
 _patches.apply_stage("torch")
+if not platform.use_cuda():
+    import warnings as _warnings
+
+    # Expected on CPU: megatron-core falls back to its torch implementations. Say it once, not 8x.
+    for _msg in ("Transformer Engine and Apex are not installed", "Apex is not installed"):
+        _warnings.filterwarnings("ignore", message=_msg)
 import megatron.core  # noqa: E402,F401
 
 _patches.apply_stage("megatron")

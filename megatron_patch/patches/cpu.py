@@ -256,3 +256,23 @@ def _moe_dtoh_as_numpy():
         return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
 
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+@register("dist_ckpt.fork_results_queue",
+          "megatron.core.dist_checkpointing.strategies.filesystem_async._get_write_results_queue",
+          "speed: the spawn-context Manager re-imports __main__ and costs ~6 s on the first save of "
+          "each process; a fork-context Manager costs ~0.2 s and writes the same files",
+          stage="megatron", when="cpu")
+def _dist_ckpt_fork_queue():
+    import multiprocessing as mp
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    def _get_write_results_queue():
+        if fa._results_queue is None:
+            fa._results_queue = mp.get_context("fork").Manager().Queue()
+        return fa._results_queue
+
+    if not hasattr(fa, "_get_write_results_queue"):
+        raise AttributeError("filesystem_async._get_write_results_queue is gone")
+    fa._get_write_results_queue = _get_write_results_queue

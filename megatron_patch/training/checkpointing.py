@@ -1,0 +1,276 @@
+"""Save and load training checkpoints: Megatron's legacy layout and megatron-core ``torch_dist``.
+
+Atomicity: every rank writes into ``<root>/.<iter_dir>.partial``; after a barrier rank 0 renames the
+folder into place and only then replaces the tracker file. A run killed during a save leaves the
+previous checkpoint loadable and ``latest_checkpointed_iteration.txt`` pointing at it.
+
+A resume restores model, optimizer (plain or distributed), LR scheduler, RNG states, the iteration
+and the consumed-samples counters; ``load_weights_only`` is the "start from these weights" case.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+
+from megatron_patch.convert import layout
+from megatron_patch.convert.layout import CheckpointError
+
+CHECKPOINT_VERSION = 3.0
+SHARDING_TYPE = "fully_reshardable"
+
+# Globals that may appear in checkpoints written by Megatron-LM itself (its "args" Namespace).
+torch.serialization.add_safe_globals([argparse.Namespace])
+
+
+def unwrap(module):
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def _chained(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _is_distributed_optimizer(optimizer) -> bool:
+    return any(hasattr(o, "get_parameter_state_dp_zero") for o in _chained(optimizer))
+
+
+# ---------------------------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "random": random.getstate(),
+        "np_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "np_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_as_tuple(state["random"]))
+    np.random.set_state(("MT19937", state["np_keys"].numpy().astype(np.uint32), state["np_pos"],
+                         0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ---------------------------------------------------------------------------------------------- save
+
+
+def _rank_coords():
+    return (parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_pipeline_model_parallel_rank(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_data_parallel_rank())
+
+
+def _model_key(i: int, n: int) -> str:
+    return "model" if n == 1 else f"model{i}"
+
+
+def _finalize(root: str, partial: str, final: str, iteration: int) -> None:
+    dist.barrier()
+    if dist.get_rank() == 0:
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        layout.write_tracker(root, iteration)
+    dist.barrier()
+
+
+def save_checkpoint(root: str, iteration: int, model: List[torch.nn.Module], optimizer, scheduler,
+                    state: dict, ckpt_format: str = "legacy", args: Optional[dict] = None) -> None:
+    """Collective: every rank calls it. ``state`` holds consumed-sample counters and the like."""
+    name = layout.iter_dirname(iteration)
+    final = os.path.join(root, name)
+    partial = os.path.join(root, f".{name}.partial")
+    if dist.get_rank() == 0:
+        if os.path.isdir(partial):
+            shutil.rmtree(partial)
+        os.makedirs(partial, exist_ok=True)
+    dist.barrier()
+    common = {
+        "iteration": iteration,
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "opt_param_scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "args": args or {},
+        **state,
+    }
+    tp_rank, pp_rank, pp_size, dp_rank = _rank_coords()
+    if ckpt_format == "legacy":
+        sd = dict(common)
+        for i, chunk in enumerate(model):
+            sd[_model_key(i, len(model))] = unwrap(chunk).state_dict()
+        if optimizer is not None:
+            sd["optimizer"] = optimizer.state_dict()
+        sd["rng_state"] = rng_state()
+        rank_dir = os.path.join(partial, layout.rank_dirname(tp_rank, pp_rank, pp_size))
+        if optimizer is not None and _is_distributed_optimizer(optimizer):
+            states = [o.get_parameter_state_dp_zero() if hasattr(o, "get_parameter_state_dp_zero")
+                      else None for o in _chained(optimizer)]
+            if dp_rank == 0:
+                layout.atomic_torch_save(states, os.path.join(rank_dir, "distrib_optim.pt"))
+        if dp_rank == 0:
+            layout.atomic_torch_save(sd, os.path.join(rank_dir, "model_optim_rng.pt"))
+    elif ckpt_format == "torch_dist":
+        sharded = dict(common)
+        for i, chunk in enumerate(model):
+            sharded[_model_key(i, len(model))] = unwrap(chunk).sharded_state_dict()
+        if optimizer is not None:
+            msd = sharded["model"] if len(model) == 1 else _merge_chunks(sharded, len(model))
+            sharded["optimizer"] = optimizer.sharded_state_dict(
+                msd, metadata={"distrib_optim_sharding_type": SHARDING_TYPE})
+        dist_checkpointing.save(sharded, partial)
+        layout.atomic_torch_save(rng_state(), os.path.join(
+            partial, "rng", f"rank_{dist.get_rank():05d}_tp{tp_rank}_pp{pp_rank}.pt"))
+    else:
+        raise ValueError(f"unknown checkpoint format {ckpt_format!r}")
+    _finalize(root, partial, final, iteration)
+
+
+def _merge_chunks(sharded: dict, n: int) -> dict:
+    merged = {}
+    for i in range(n):
+        merged.update(sharded[f"model{i}"])
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+
+def checkpoint_format(root: str, iteration: Optional[int]) -> str:
+    d = os.path.join(root, layout.iter_dirname(iteration))
+    if os.path.isfile(os.path.join(d, "metadata.json")):
+        return "torch_dist"
+    if os.path.isdir(d):
+        return "legacy"
+    raise CheckpointError(f"{layout.TRACKER} in {root} points at {d}, which does not exist")
+
+
+def _load_model_state(chunk, sd: dict, strict: bool = True) -> None:
+    missing, unexpected = unwrap(chunk).load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    unexpected = [k for k in unexpected if not k.endswith("_extra_state")]
+    if strict and (missing or unexpected):
+        raise CheckpointError(f"checkpoint does not fit the model: missing {missing[:8]}, "
+                              f"unexpected {unexpected[:8]}")
+
+
+def load_checkpoint(root: str, model: List[torch.nn.Module], optimizer, scheduler,
+                    load_optim: bool = True, load_rng: bool = True) -> dict:
+    """Full resume from ``root``'s latest checkpoint. Returns the common state (iteration, ...)."""
+    iteration = layout.read_tracker(root)
+    fmt = checkpoint_format(root, iteration)
+    d = os.path.join(root, layout.iter_dirname(iteration))
+    tp_rank, pp_rank, pp_size, dp_rank = _rank_coords()
+    if fmt == "legacy":
+        path = os.path.join(d, layout.rank_dirname(tp_rank, pp_rank, pp_size), "model_optim_rng.pt")
+        if not os.path.isfile(path):
+            meta = layout.read_meta(root)
+            raise CheckpointError(
+                f"{path} is missing: the checkpoint was saved with TP={meta.get('tensor_model_parallel_size', '?')} "
+                f"PP={meta.get('pipeline_model_parallel_size', '?')}; legacy checkpoints load at the "
+                "same TP/PP (use --ckpt-format torch_dist, or reshard with the converter)")
+        sd = layout.safe_load(path)
+        for i, chunk in enumerate(model):
+            _load_model_state(chunk, sd[_model_key(i, len(model))])
+        if optimizer is not None and load_optim:
+            optimizer.load_state_dict(sd["optimizer"])
+            if _is_distributed_optimizer(optimizer):
+                dpath = os.path.join(os.path.dirname(path), "distrib_optim.pt")
+                states = layout.safe_load(dpath) if dp_rank == 0 else None
+                for j, o in enumerate(_chained(optimizer)):
+                    if hasattr(o, "load_parameter_state_from_dp_zero"):
+                        o.load_parameter_state_from_dp_zero(states[j] if states else None)
+        elif optimizer is not None:
+            optimizer.reload_model_params()
+        if load_rng and "rng_state" in sd:
+            set_rng_state(sd["rng_state"])
+        common = {k: v for k, v in sd.items()
+                  if not k.startswith("model") and k not in ("optimizer", "rng_state")}
+    else:
+        if optimizer is not None and load_optim:
+            for o in _chained(optimizer):
+                if hasattr(o, "_init_optimizer_states_with_dummy_values"):
+                    o._init_optimizer_states_with_dummy_values()
+                else:  # plain torch optimizers create their state lazily too
+                    _prime(o)
+        sharded = {}
+        for i, chunk in enumerate(model):
+            sharded[_model_key(i, len(model))] = unwrap(chunk).sharded_state_dict()
+        if optimizer is not None and load_optim:
+            msd = sharded["model"] if len(model) == 1 else _merge_chunks(sharded, len(model))
+            sharded["optimizer"] = optimizer.sharded_state_dict(
+                msd, is_loading=True, metadata={"distrib_optim_sharding_type": SHARDING_TYPE})
+        loaded = dist_checkpointing.load(sharded, d)
+        for i, chunk in enumerate(model):
+            _load_model_state(chunk, loaded[_model_key(i, len(model))])
+        if optimizer is not None and load_optim:
+            optimizer.load_state_dict(loaded["optimizer"])
+        elif optimizer is not None:
+            optimizer.reload_model_params()
+        rng_file = os.path.join(d, "rng", f"rank_{dist.get_rank():05d}_tp{tp_rank}_pp{pp_rank}.pt")
+        if load_rng and os.path.isfile(rng_file):
+            set_rng_state(layout.safe_load(rng_file))
+        common = {k: v for k, v in loaded.items() if not k.startswith("model") and k != "optimizer"}
+    if scheduler is not None and load_optim and common.get("opt_param_scheduler"):
+        scheduler.load_state_dict(common["opt_param_scheduler"])
+    common["iteration"] = iteration or 0
+    return common
+
+
+def _prime(opt) -> None:
+    inner = getattr(opt, "optimizer", None)
+    if inner is None:
+        return
+    for group in inner.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    inner.step()
+    inner.zero_grad()
+
+
+def load_weights_only(path: str, model: List[torch.nn.Module]) -> None:
+    """Load the model weights of ``path``'s latest (or release) checkpoint; nothing else."""
+    iteration = layout.read_tracker(path)
+    fmt = checkpoint_format(path, iteration)
+    d = os.path.join(path, layout.iter_dirname(iteration))
+    tp_rank, pp_rank, pp_size, _ = _rank_coords()
+    if fmt == "legacy":
+        f = os.path.join(d, layout.rank_dirname(tp_rank, pp_rank, pp_size), "model_optim_rng.pt")
+        if not os.path.isfile(f):
+            meta = layout.read_meta(path)
+            raise CheckpointError(
+                f"{f} is missing: {path} was written for TP={meta.get('tensor_model_parallel_size', '?')} "
+                f"PP={meta.get('pipeline_model_parallel_size', '?')}, this run uses "
+                f"TP={parallel_state.get_tensor_model_parallel_world_size()} PP={pp_size}; "
+                "convert it to this layout first")
+        sd = layout.safe_load(f)
+        for i, chunk in enumerate(model):
+            key = _model_key(i, len(model))
+            _load_model_state(chunk, sd[key] if key in sd else sd["model"])
+    else:
+        sharded = {_model_key(i, len(model)): unwrap(c).sharded_state_dict()
+                   for i, c in enumerate(model)}
+        loaded = dist_checkpointing.load(sharded, d)
+        for i, chunk in enumerate(model):
+            _load_model_state(chunk, loaded[_model_key(i, len(model))])
