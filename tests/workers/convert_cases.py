@@ -1,0 +1,50 @@
+"""Tiny HF configs for the conversion parity tests, one or more per family (all well under 1M
+parameters), plus the helpers that build and save a randomised HF model from one of them.
+
+Every parameter, norms and biases included, gets random noise so that a swapped or mis-sharded
+tensor changes the logits.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+VOCAB = 200  # not a multiple of 128: every case exercises vocab padding
+
+
+def _llama(**kw):
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 2,
+           "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "vocab_size": VOCAB, "max_position_embeddings": 128,
+           "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
+           "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+    cfg.update(kw)
+    return cfg
+
+
+# name -> (hf config, options). options: ep (expert-parallel size to check), skip (layouts)
+CASES = {
+    "llama": (_llama(), {}),
+    # MQA: one KV group for TP=2 (megatron replicates it); tied embeddings across PP stages;
+    # llama3 rope scaling with a short original context so that scaling changes the result
+    "llama_mqa_tied": (_llama(num_key_value_heads=1, tie_word_embeddings=True, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}), {}),
+}
+
+
+def build_hf(hf_config: dict, out_dir: str, seed: int = 0):
+    """Build the HF model of ``hf_config`` with noisy weights, save it to ``out_dir``; return it."""
+    import torch
+    import transformers as T
+
+    torch.manual_seed(seed)
+    cfg = T.AutoConfig.for_model(**copy.deepcopy(hf_config))
+    model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    model.eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    return model
