@@ -198,9 +198,10 @@ def load_checkpoint(root: str, model: List[torch.nn.Module], optimizer, schedule
             if _is_distributed_optimizer(optimizer):
                 dpath = os.path.join(os.path.dirname(path), "distrib_optim.pt")
                 states = layout.safe_load(dpath) if dp_rank == 0 else None
-                for j, o in enumerate(_chained(optimizer)):
-                    if hasattr(o, "load_parameter_state_from_dp_zero"):
-                        o.load_parameter_state_from_dp_zero(states[j] if states else None)
+                with torch.no_grad():  # fp32 main params are views of leaf parameters
+                    for j, o in enumerate(_chained(optimizer)):
+                        if hasattr(o, "load_parameter_state_from_dp_zero"):
+                            o.load_parameter_state_from_dp_zero(states[j] if states else None)
         elif optimizer is not None:
             optimizer.reload_model_params()
         if load_rng and "rng_state" in sd:
