@@ -30,6 +30,14 @@ CASES = {
     "llama_mqa_tied": (_llama(num_key_value_heads=1, tie_word_embeddings=True, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16}), {}),
+    "qwen2": (_llama(architectures=["Qwen2ForCausalLM"], model_type="qwen2", tie_word_embeddings=True,
+                     use_sliding_window=False), {}),
+    # window 8 < the 24-token test sequence: the sliding window changes the logits
+    "mistral": (_llama(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=8), {}),
+    "mixtral": (_llama(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=4,
+                       num_experts_per_tok=2, router_jitter_noise=0.0, intermediate_size=48), {"ep": 2}),
+    "glm": (_llama(architectures=["GlmForCausalLM"], model_type="glm", head_dim=16,
+                   partial_rotary_factor=0.5, attention_bias=True, pad_token_id=0), {}),
 }
 
 

@@ -1,0 +1,49 @@
+"""Config-table pieces shared by the LLaMA-shaped families (Qwen2, Mistral, Mixtral, GLM).
+
+``llama_fields()`` is the LLaMA field list (layers, sizes, heads, KV groups, eps, vocab, positions,
+rope theta, tied head); ``finish_llama_like`` derives ``kv_channels`` and refuses rope scalings that
+megatron-core cannot express. Each family builds its own ``ConfigTable`` from these plus its consts.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from megatron_patch.models.common.config import (
+    Const, Field, MegatronArch, rope_scaling_of, rope_theta_get, rope_theta_put)
+
+
+def llama_fields(theta_default: float = 10000.0):
+    return [
+        Field("num_hidden_layers", "num_layers"),
+        Field("hidden_size", "hidden_size"),
+        Field("intermediate_size", "ffn_hidden_size"),
+        Field("num_attention_heads", "num_attention_heads"),
+        Field("num_key_value_heads", "num_query_groups",
+              get=lambda hf: hf.get("num_key_value_heads") or hf["num_attention_heads"]),
+        Field("rms_norm_eps", "layernorm_epsilon", default=1e-6),
+        Field("vocab_size", "vocab_size", where="model"),
+        Field("max_position_embeddings", "max_sequence_length", where="model", default=2048),
+        Field("rope_theta", "rotary_base", where="model",
+              get=lambda hf: rope_theta_get(hf, theta_default), put=rope_theta_put),
+        Field("tie_word_embeddings", "share_embeddings_and_output_weights", where="model",
+              default=False),
+    ]
+
+
+def llama_consts(qkv_bias: bool = False):
+    return [
+        Const("normalization", "RMSNorm"),
+        Const("gated_linear_unit", True),
+        Const("activation_func", F.silu),
+        Const("add_bias_linear", False),
+        Const("add_qkv_bias", qkv_bias),
+        Const("position_embedding_type", "rope", where="model"),
+    ]
+
+
+def finish_llama_like(hf: dict, arch: MegatronArch, family: str) -> None:
+    heads = arch.config["num_attention_heads"]
+    arch.config["kv_channels"] = hf.get("head_dim") or arch.config["hidden_size"] // heads
+    rs = rope_scaling_of(hf)
+    if rs is not None:
+        raise ValueError(f"{family} rope scaling {rs!r} is not supported")

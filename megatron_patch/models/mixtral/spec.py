@@ -1,0 +1,11 @@
+"""Mixtral layer spec: megatron-core's local GPT layer with a MoE MLP (``SequentialMLP`` experts)."""
+from __future__ import annotations
+
+from megatron_patch.models.common.spec import local_layer_spec, te_layer_spec
+
+
+def layer_spec(arch, use_te: bool = False, flash: bool = False):
+    experts = arch.config["num_moe_experts"]
+    if use_te:
+        return te_layer_spec(num_experts=experts)
+    return local_layer_spec(num_experts=experts, flash=flash, normalization="RMSNorm")
