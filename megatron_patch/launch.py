@@ -45,6 +45,9 @@ def launch_local(argv: Sequence[str], nproc: int, env: Optional[Dict[str, str]] 
             bad = [i for i, c in enumerate(codes) if c not in (None, 0)]
             if bad:
                 failed = bad[0]
+                grace = time.time() + 5  # let the other ranks report their own error lines
+                while time.time() < grace and any(p.poll() is None for p in procs):
+                    time.sleep(0.05)
                 break
             if all(c == 0 for c in codes):
                 break
@@ -65,6 +68,8 @@ def launch_local(argv: Sequence[str], nproc: int, env: Optional[Dict[str, str]] 
     if failed is not None:
         if failed == -1:
             raise WorkerError(f"timeout after {timeout}s; rank 0 output:\n{outs[0][-6000:]}")
-        raise WorkerError(f"rank {failed} exited with {procs[failed].returncode}:\n"
-                          f"{outs[failed][-8000:]}")
+        failed_ranks = [i for i, p in enumerate(procs) if p.returncode not in (None, 0)]
+        text = "\n".join(f"--- rank {i} (exit {procs[i].returncode}):\n{outs[i][-8000:]}"
+                         for i in failed_ranks)
+        raise WorkerError(f"rank {failed} exited with {procs[failed].returncode}:\n{text}")
     return outs
