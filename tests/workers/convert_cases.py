@@ -38,6 +38,33 @@ CASES = {
                        num_experts_per_tok=2, router_jitter_noise=0.0, intermediate_size=48), {"ep": 2}),
     "glm": (_llama(architectures=["GlmForCausalLM"], model_type="glm", head_dim=16,
                    partial_rotary_factor=0.5, attention_bias=True, pad_token_id=0), {}),
+    "galactica": ({"architectures": ["OPTForCausalLM"], "model_type": "opt", "num_hidden_layers": 2,
+                   "hidden_size": 64, "ffn_dim": 128, "num_attention_heads": 4,
+                   "word_embed_proj_dim": 64, "vocab_size": VOCAB, "max_position_embeddings": 64,
+                   "activation_function": "gelu", "do_layer_norm_before": True, "enable_bias": True,
+                   "tie_word_embeddings": True, "pad_token_id": 1, "bos_token_id": 0,
+                   "eos_token_id": 2}, {}),
+    "bloom": ({"architectures": ["BloomForCausalLM"], "model_type": "bloom", "n_layer": 2,
+               "hidden_size": 64, "n_head": 4, "vocab_size": VOCAB, "layer_norm_epsilon": 1e-5,
+               "tie_word_embeddings": True}, {}),
+    # Falcon-7B shape: multi-query (1 KV group < TP=2), one shared norm, parallel attention + MLP
+    "falcon_7b": ({"architectures": ["FalconForCausalLM"], "model_type": "falcon",
+                   "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                   "multi_query": True, "new_decoder_architecture": False, "parallel_attn": True,
+                   "alibi": False, "bias": False, "vocab_size": VOCAB,
+                   "max_position_embeddings": 64, "tie_word_embeddings": True}, {}),
+    # Falcon-40B shape: new decoder architecture, 2 KV groups, two norms, untied head
+    "falcon_40b": ({"architectures": ["FalconForCausalLM"], "model_type": "falcon",
+                    "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                    "num_kv_heads": 2, "new_decoder_architecture": True, "parallel_attn": True,
+                    "alibi": False, "bias": False, "vocab_size": VOCAB,
+                    "max_position_embeddings": 64, "tie_word_embeddings": False}, {}),
+    # Falcon-RW shape: ALiBi, biases, sequential layer, multi-head
+    "falcon_rw": ({"architectures": ["FalconForCausalLM"], "model_type": "falcon",
+                   "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                   "multi_query": False, "new_decoder_architecture": False, "parallel_attn": False,
+                   "alibi": True, "bias": True, "vocab_size": VOCAB,
+                   "max_position_embeddings": 64, "tie_word_embeddings": True}, {}),
 }
 
 
