@@ -78,7 +78,7 @@ def transformer_config(arch: MegatronArch, *, tp: int = 1, pp: int = 1, vpp: Opt
         memory_efficient_layer_norm=False,
         moe_grouped_gemm=False,
         bias_dropout_fusion=cuda,
-        masked_softmax_fusion=cuda,
+        masked_softmax_fusion=cuda and have_te(),  # the fused softmax kernels come with TE/Apex
         bias_activation_fusion=cuda and not kw.get("gated_linear_unit", False),
         # gloo matches p2p messages per peer in posting order: batched p2p swaps them under VPP
         batch_p2p_comm=not (vpp and not cuda),
