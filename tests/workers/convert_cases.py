@@ -59,23 +59,24 @@ CASES = {
                     "num_kv_heads": 2, "new_decoder_architecture": True, "parallel_attn": True,
                     "alibi": False, "bias": False, "vocab_size": VOCAB,
                     "max_position_embeddings": 64, "tie_word_embeddings": False}, {}),
-    # Falcon-RW shape: ALiBi, biases, sequential layer, multi-head
+    # Falcon-RW shape: ALiBi, biases, sequential layer, multi-head. Reference on SDPA: transformers'
+    # eager Falcon path adds the ALiBi bias twice (once in the logits, once folded into the mask)
     "falcon_rw": ({"architectures": ["FalconForCausalLM"], "model_type": "falcon",
                    "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
                    "multi_query": False, "new_decoder_architecture": False, "parallel_attn": False,
                    "alibi": True, "bias": True, "vocab_size": VOCAB,
-                   "max_position_embeddings": 64, "tie_word_embeddings": True}, {}),
+                   "max_position_embeddings": 64, "tie_word_embeddings": True}, {"attn": "sdpa"}),
 }
 
 
-def build_hf(hf_config: dict, out_dir: str, seed: int = 0):
+def build_hf(hf_config: dict, out_dir: str, seed: int = 0, attn: str = "eager"):
     """Build the HF model of ``hf_config`` with noisy weights, save it to ``out_dir``; return it."""
     import torch
     import transformers as T
 
     torch.manual_seed(seed)
     cfg = T.AutoConfig.for_model(**copy.deepcopy(hf_config))
-    model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
     model.eval()
     with torch.no_grad():
         for p in model.parameters():

@@ -69,7 +69,7 @@ def prepare(work: str, names, results) -> None:
         d = os.path.join(work, name)
         r = results[name]
         try:
-            model = build_hf(hf_cfg, os.path.join(d, "hf"))
+            model = build_hf(hf_cfg, os.path.join(d, "hf"), attn=opts.get("attn", "eager"))
             g = torch.Generator().manual_seed(1)
             ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
             with torch.no_grad():

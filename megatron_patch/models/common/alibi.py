@@ -9,7 +9,8 @@ instead of ``-slope_h * (i - j)`` changes each score row by the constant ``slope
 softmax ignores; it is how Bloom and Falcon compute it.
 
 Bloom adds the bias after the ``1/sqrt(d)`` scaling; Falcon's ALiBi variant adds it before (so the
-bias is scaled too): ``scale_with_softmax=True``.
+bias is scaled too): ``scale_with_softmax=True``; Falcon also forms ``slope * j`` in bfloat16 (as
+the Falcon-RW models were trained, and as transformers does), which ``bf16_bias=True`` reproduces.
 """
 from __future__ import annotations
 
@@ -38,16 +39,23 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 class _AlibiSoftmax(torch.nn.Module):
     """Wraps megatron's ``FusedScaleMaskSoftmax``: scores [b, np, sq, sk] + slopes[np] * j."""
 
-    def __init__(self, inner: torch.nn.Module, slopes: torch.Tensor, scale: float):
+    def __init__(self, inner: torch.nn.Module, slopes: torch.Tensor, scale: float,
+                 bf16_bias: bool = False):
         super().__init__()
+        self.bf16_bias = bf16_bias
         self.inner = inner
         self.register_buffer("slopes", slopes, persistent=False)
         self.scale = scale
 
     def forward(self, scores, mask, softmax_offset=None):
         sk = scores.size(-1)
-        pos = torch.arange(sk, device=scores.device, dtype=torch.float32)
-        bias = self.slopes.to(scores.device).view(1, -1, 1, 1) * pos.view(1, 1, 1, sk)  # [1, np, 1, sk]
+        slopes = self.slopes.to(scores.device).view(1, -1, 1, 1)  # [1, np, 1, 1]
+        if self.bf16_bias:
+            pos = torch.arange(sk, device=scores.device)
+            bias = (slopes.bfloat16() * pos.view(1, 1, 1, sk)).float()  # [1, np, 1, sk]
+        else:
+            pos = torch.arange(sk, device=scores.device, dtype=torch.float32)
+            bias = slopes * pos.view(1, 1, 1, sk)  # [1, np, 1, sk]
         if self.scale != 1.0:
             bias = bias * self.scale
         return self.inner(scores + bias.to(scores.dtype), mask, softmax_offset)
@@ -57,6 +65,7 @@ class AlibiDotProductAttention(DotProductAttention):
     """megatron-core's local core attention plus ALiBi for the heads of this TP rank."""
 
     scale_with_softmax = False
+    bf16_bias = False
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type="self",
                  attention_dropout=None, softmax_scale=None, cp_comm_type=None, pg_collection=None,
@@ -68,10 +77,12 @@ class AlibiDotProductAttention(DotProductAttention):
         n = self.num_attention_heads_per_partition
         slopes = alibi_slopes(config.num_attention_heads)[tp_rank * n:(tp_rank + 1) * n]  # [np]
         scale = self.softmax_scale if self.scale_with_softmax else 1.0
-        self.scale_mask_softmax = _AlibiSoftmax(self.scale_mask_softmax, slopes, scale)
+        self.scale_mask_softmax = _AlibiSoftmax(self.scale_mask_softmax, slopes, scale,
+                                                self.bf16_bias)
 
 
 class ScaledAlibiDotProductAttention(AlibiDotProductAttention):
-    """Falcon's ALiBi: the bias is added before the 1/sqrt(d) scaling."""
+    """Falcon's ALiBi: the bias is formed in bfloat16 and added before the 1/sqrt(d) scaling."""
 
     scale_with_softmax = True
+    bf16_bias = True
