@@ -292,9 +292,8 @@ def _reward_rename(fam, arch, prefix: Optional[str], names: Sequence[str]) -> Op
     if prefix in mapped:
         return None
     target = sorted(mapped - {"lm_head."})[0]  # "model." / "transformer."
-    if prefix == "rwtranformer." or prefix == "rwtransformer.":
-        # DeepSpeed-Chat wraps the bare base model (LlamaModel): keys lack the "model." level
-        return prefix, target
+    # DeepSpeed-Chat wraps the bare base model (e.g. LlamaModel) as "rwtranformer.": its keys lack
+    # the "model." level, so the prefix maps onto the mapping's own
     return prefix, target
 
 
@@ -337,7 +336,8 @@ def hf_to_megatron(hf_dir: str, target: str, *, tp: int = 1, pp: int = 1, ep: in
     head = rw[0] if rw else "score.weight"
     if reward and head.replace(".weight", ".bias") in reader:
         arch.extra["reward_head_bias"] = True
-    source = HFSource(reader, _reward_rename(fam, arch, rw[1], reader.names()) if rw else None)
+    rename = _reward_rename(fam, arch, rw[1], reader.names()) if rw else None
+    source = HFSource(reader, rename)
     rows = model_rows(fam, arch, reward, head)
     L, n_exp = arch.config["num_layers"], num_experts(arch)
     units = global_units(rows, L, n_exp)
@@ -361,7 +361,8 @@ def hf_to_megatron(hf_dir: str, target: str, *, tp: int = 1, pp: int = 1, ep: in
         meta = _meta(fam, arch, hf_config, tp, pp, ep, padded, orig_vocab, hf_vocab,
                      int(extra_vocab_size), divisible_by, reward,
                      _HF_DTYPE_NAMES.get(out_dtype, str(out_dtype)), converted_from="hf",
-                     **({"reward_head": head} if reward else {}))
+                     **({"reward_head": head} if reward else {}),
+                     **({"hf_key_prefix": list(rename)} if rename else {}))
         layout.write_meta(tmp, meta)
         cfg = dict(hf_config)
         if extra_vocab_size:
@@ -422,9 +423,12 @@ def megatron_to_hf(mg_dir: str, target: str, *, dtype=None, max_shard_bytes: int
         log(f"note: {', '.join(reader.dropped)} of the training checkpoint not converted")
     with staging(target, overwrite) as tmp:
         w = hf_io.HFWriter(tmp, max_shard_bytes, dtype)
+        file_prefix, map_prefix = meta.get("hf_key_prefix") or (None, None)
         for u in units:
             for n in u.hf:
-                w.add(n, src.get(n))
+                out_name = file_prefix + n[len(map_prefix):] if file_prefix and \
+                    n.startswith(map_prefix) else n
+                w.add(out_name, src.get(n))
         w.close()
         cfg = dict(hf_config)
         if cfg.get("vocab_size") != orig:
@@ -466,8 +470,9 @@ def reshard(mg_dir: str, target: str, *, tp: int = 1, pp: int = 1, ep: int = 1, 
             meta.get("params_dtype", "float32") if dtype is None else _HF_DTYPE_NAMES[dtype],
             converted_from="megatron", source_iteration=reader.iteration,
             dropped_training_state=list(reader.dropped)))
-        if reward:
-            new_meta["reward_head"] = meta.get("reward_head", "score.weight")
+        for k in ("reward_head", "hf_key_prefix"):
+            if k in meta:
+                new_meta[k] = meta[k]
         layout.write_meta(tmp, new_meta)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
