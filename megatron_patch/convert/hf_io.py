@@ -121,6 +121,31 @@ class HFReader:
                                   f"(truncated or corrupt?): {e}") from e
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+              torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(path: str, tensors: Dict[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
+    """Write the safetensors format straight from the tensors' memory (no serialised copy):
+    8-byte header length, JSON header (names, dtypes, shapes, byte offsets), then the raw bytes."""
+    header: Dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in tensors.values():
+            if t.numel():
+                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
 class HFWriter:
     """Writes safetensors shards of at most ``max_shard_bytes`` as tensors are added, then the
     index. Shards are named ``model-XXXXX-of-YYYYY.safetensors`` once their count is known."""
@@ -148,13 +173,11 @@ class HFWriter:
         self.total += n
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         if not self._buf:
             return
         k = len(self._shards)
-        save_file(self._buf, os.path.join(self.dir, f".shard-{k:05d}.safetensors"),
-                  metadata={"format": "pt"})
+        write_safetensors(os.path.join(self.dir, f".shard-{k:05d}.safetensors"), self._buf,
+                          {"format": "pt"})
         self._shards.append(list(self._buf))
         self._buf, self._buf_bytes = {}, 0
 

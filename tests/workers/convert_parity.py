@@ -27,8 +27,12 @@ from megatron_patch.models.builder import arch_from_hf, build_gpt_model, transfo
 from tests.workers.convert_cases import CASES, VOCAB, build_hf  # noqa: E402
 
 SEQ, BATCH = 24, 2
-LAYOUTS = {"tp1": dict(tp=1, pp=1, ep=1), "tp2": dict(tp=2, pp=1, ep=1),
-           "pp2": dict(tp=1, pp=2, ep=1), "ep2": dict(tp=1, pp=1, ep=2)}
+ALL_LAYOUTS = {"tp1": dict(tp=1, pp=1, ep=1), "tp2": dict(tp=2, pp=1, ep=1),
+               "pp2": dict(tp=1, pp=2, ep=1), "ep2": dict(tp=1, pp=1, ep=2),
+               "tp2pp2": dict(tp=2, pp=2, ep=1), "tp2ep2": dict(tp=2, pp=1, ep=2)}
+# CONVERT_LAYOUTS picks the layouts (the 4-process run uses tp2pp2,tp2ep2)
+LAYOUTS = {k: ALL_LAYOUTS[k] for k in
+           os.environ.get("CONVERT_LAYOUTS", "tp1,tp2,pp2,ep2").split(",")}
 
 
 def _err() -> str:
@@ -79,7 +83,7 @@ def prepare(work: str, names, results) -> None:
             r["build"] = _err()
             continue
         for lay, kw in LAYOUTS.items():
-            if lay == "ep2" and not opts.get("ep"):
+            if "ep2" in lay and not opts.get("ep"):
                 continue
             try:
                 engine.hf_to_megatron(os.path.join(d, "hf"), os.path.join(d, lay), log=lambda *a: None,
@@ -96,7 +100,8 @@ def prepare(work: str, names, results) -> None:
                 r[f"roundtrip_{lay}"] = "ok"
             except Exception:
                 r[f"roundtrip_{lay}"] = _err()
-        if "tp2" in r or not os.path.isdir(os.path.join(d, "tp2")):
+        if "tp2" in r or not os.path.isdir(os.path.join(d, "tp2")) or \
+                not os.path.isdir(os.path.join(d, "pp2")):
             continue
         try:  # Megatron -> Megatron: TP=2 -> PP=2 equals the direct conversion
             engine.reshard(os.path.join(d, "tp2"), os.path.join(d, "reshard_pp2"), tp=1, pp=2,
@@ -118,55 +123,54 @@ def run_layout(work: str, lay: str, names, results) -> None:
     tp, pp, ep = kw["tp"], kw["pp"], kw["ep"]
     parallel_state.initialize_model_parallel(tp, pp, expert_model_parallel_size=ep)
     model_parallel_cuda_manual_seed(1234)
-    rank = dist.get_rank()
+    ps = parallel_state
+    stage = ps.get_pipeline_model_parallel_rank()
+    checker = stage == pp - 1 and ps.get_tensor_model_parallel_rank() == 0 and \
+        ps.get_data_parallel_rank() == 0
     for name in names:
         hf_cfg, opts = CASES[name]
-        if lay == "ep2" and not opts.get("ep"):
+        if "ep2" in lay and not opts.get("ep"):
             continue
         d = os.path.join(work, name)
-        ok = torch.tensor([1])
         msg = "ok"
         try:
             if not os.path.isdir(os.path.join(d, lay)):
                 raise RuntimeError("conversion failed")
             meta = json.load(open(os.path.join(d, lay, "megatron_patch.json")))
             arch = arch_from_hf(hf_cfg)
-            cfg = transformer_config(arch, tp=tp, pp=pp, ep=ep)
+            cfg = transformer_config(arch, tp=tp, pp=pp, ep=ep, sequence_parallel=ep > 1 and tp > 1)
             model = build_gpt_model(arch, cfg, vocab_size=meta["padded_vocab_size"],
                                     parallel_output=False).eval()
-            load.load_rank(model, os.path.join(d, lay),
-                           tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-                           pp_rank=parallel_state.get_pipeline_model_parallel_rank(), pp_size=pp,
-                           ep_rank=parallel_state.get_expert_model_parallel_rank(), ep_size=ep)
+            load.load_rank(model, os.path.join(d, lay), tp_rank=ps.get_tensor_model_parallel_rank(),
+                           pp_rank=stage, pp_size=pp, ep_rank=ps.get_expert_model_parallel_rank(),
+                           ep_size=ep)
             ref = torch.load(os.path.join(d, "ref.pt"))
             ids = ref["ids"]
             pos = torch.arange(SEQ).unsqueeze(0).expand(BATCH, -1)
             with torch.no_grad():
-                if pp == 1:
-                    out = model(ids, pos, None)
-                else:
-                    stage = parallel_state.get_pipeline_model_parallel_rank()
-                    if stage == 0:
-                        hidden = model(ids, pos, None)  # [s, b, h]
-                        dist.send(hidden.contiguous(), dst=1)
-                        out = None
-                    else:
-                        hidden = torch.empty(SEQ, BATCH, arch.config["hidden_size"])
-                        dist.recv(hidden, src=0)
-                        model.set_input_tensor(hidden)
-                        out = model(ids, pos, None)
-                        dist.send(out.contiguous(), dst=0)
-                    if stage == 0:
-                        out = torch.empty(BATCH, SEQ, meta["padded_vocab_size"])
-                        dist.recv(out, src=1)
-            if rank == 0:
+                if stage > 0:
+                    hidden = torch.empty(SEQ, BATCH, arch.config["hidden_size"])  # [s, b, h]
+                    dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
+                    model.set_input_tensor(hidden)
+                out = model(ids, pos, None)
+                if stage < pp - 1:
+                    dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+            if checker:
                 torch.testing.assert_close(out[..., :VOCAB], ref["logits"])
         except Exception:
-            ok = torch.tensor([0])
             msg = _err()
-        if rank == 0:
-            results[name][lay] = msg
-        dist.all_reduce(ok)  # keep the ranks in step even when one fails
+        if checker or msg != "ok":
+            with open(os.path.join(d, f"{lay}.rank{dist.get_rank()}.result"), "w") as f:
+                f.write(msg)
+        dist.barrier()
+    if dist.get_rank() == 0:
+        for name in names:
+            d = os.path.join(work, name)
+            files = sorted(f for f in os.listdir(d) if f.startswith(f"{lay}.rank"))
+            msgs = [open(os.path.join(d, f)).read() for f in files]
+            bad = [m for m in msgs if m != "ok"]
+            if files:
+                results[name][lay] = bad[0] if bad else "ok"
     parallel_state.destroy_model_parallel()
 
 
