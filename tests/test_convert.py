@@ -43,6 +43,34 @@ def test_parity(parity, case, check):
     assert r.get(check) == "ok", r.get(check, f"check {check} did not run: {sorted(r)}")
 
 
+@pytest.fixture(scope="module")
+def parity4(tmp_path_factory):
+    from megatron_patch.launch import launch_local
+
+    work = tmp_path_factory.mktemp("parity4")
+    out = work / "results.json"
+    launch_local([os.path.join(ROOT, "tests", "workers", "convert_parity.py"), str(work), str(out)],
+                 4, cwd=ROOT, timeout=900, env={"CONVERT_LAYOUTS": "tp2pp2,tp2ep2"})
+    return json.loads(out.read_text())
+
+
+def _checks4():
+    out = []
+    for name, (_, opts) in CASES.items():
+        out += [(name, "tp2pp2"), (name, "roundtrip_tp2pp2")]
+        if opts.get("ep"):
+            out += [(name, "tp2ep2"), (name, "roundtrip_tp2ep2")]
+    return out
+
+
+@pytest.mark.parametrize("case,check", _checks4())
+def test_parity_tp2_pp2(parity4, case, check):
+    """TP=2 x PP=2 (4 processes) for every family; Mixtral also at EP=2 x TP=2 (sequence parallel)."""
+    r = parity4[case]
+    assert "build" not in r, r["build"]
+    assert r.get(check) == "ok", r.get(check, f"check {check} did not run: {sorted(r)}")
+
+
 # ------------------------------------------------------------------ single-process error paths
 
 @pytest.fixture(scope="module")
