@@ -23,7 +23,9 @@ def parity(tmp_path_factory):
     out = work / "results.json"
     launch_local([os.path.join(ROOT, "tests", "workers", "convert_parity.py"), str(work), str(out)],
                  2, cwd=ROOT, timeout=600)
-    return json.loads(out.read_text())
+    res = json.loads(out.read_text())
+    res["__work__"] = str(work)
+    return res
 
 
 def _checks():
@@ -69,6 +71,31 @@ def test_parity_tp2_pp2(parity4, case, check):
     r = parity4[case]
     assert "build" not in r, r["build"]
     assert r.get(check) == "ok", r.get(check, f"check {check} did not run: {sorted(r)}")
+
+
+def test_torch_dist_checkpoint_to_hf_and_reshard(parity, tmp_path):
+    """A torch_dist checkpoint saved by megatron-core at TP=2 (iteration 7) converts to HF bit-exactly
+    and reshards to a legacy PP=2 checkpoint equal to the direct conversion."""
+    import torch
+
+    from tests.workers.convert_parity import compare_dirs
+
+    work = os.path.join(parity["__work__"], "llama")
+    assert parity["llama"].get("tp2") == "ok", parity["llama"].get("tp2")
+    src = os.path.join(work, "tp2_torch_dist")
+    assert os.path.isfile(os.path.join(src, "iter_0000007", "metadata.json"))
+    notes = []
+    _engine().megatron_to_hf(src, str(tmp_path / "hf"), log=notes.append)
+    assert any("torch_dist" in n for n in notes)
+    compare_dirs(os.path.join(work, "hf"), str(tmp_path / "hf"))
+    _engine().reshard(src, str(tmp_path / "pp2"), tp=1, pp=2, log=_quiet)
+    for stage in ("mp_rank_00_000", "mp_rank_00_001"):
+        a = torch.load(tmp_path / "pp2" / "release" / stage / "model_optim_rng.pt")["model"]
+        b = torch.load(os.path.join(work, "pp2", "release", stage, "model_optim_rng.pt"))["model"]
+        assert sorted(a) == sorted(b)
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    assert sorted(os.listdir(tmp_path)) == ["hf", "pp2"]  # no temporary copies left
 
 
 # ------------------------------------------------------------------ single-process error paths

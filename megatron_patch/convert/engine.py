@@ -410,10 +410,39 @@ def _vocab_sizes(meta, arch, reader, units):
     return orig, padded
 
 
+@contextlib.contextmanager
+def legacy_source(mg_dir: str, iteration, target: str, log: Callable = print):
+    """``mg_dir`` itself when it is a legacy checkpoint; for a torch_dist checkpoint a temporary
+    TP=1 legacy copy (beside ``target``, removed afterwards)."""
+    from megatron_patch.convert import dist
+
+    if not dist.is_torch_dist(mg_dir, iteration):
+        yield mg_dir, iteration
+        return
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.torch_dist-")
+    try:
+        log(f"note: {mg_dir} is a torch_dist checkpoint; reading it through megatron-core "
+            "(model weights only)")
+        dist.torch_dist_to_legacy(mg_dir, tmp, iteration)
+        hf_io.copy_side_files(mg_dir, tmp)
+        yield tmp, None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def megatron_to_hf(mg_dir: str, target: str, *, dtype=None, max_shard_bytes: int = 2 * 1024 ** 3,
                    iteration=None, overwrite: bool = False, log: Callable = print) -> dict:
-    """Convert a Megatron legacy checkpoint (converted or written by training) into an HF folder
-    with safetensors shards, an index, config.json and the tokenizer files."""
+    """Convert a Megatron checkpoint (converted or written by training; legacy or torch_dist) into
+    an HF folder with safetensors shards, an index, config.json and the tokenizer files."""
+    with legacy_source(mg_dir, iteration, target, log) as (src_dir, it):
+        return _megatron_to_hf(src_dir, target, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                               iteration=it, overwrite=overwrite, log=log, label=mg_dir)
+
+
+def _megatron_to_hf(mg_dir: str, target: str, *, dtype, max_shard_bytes, iteration, overwrite,
+                    log, label) -> dict:
     dtype = _dtype(dtype)
     meta, hf_config, fam, arch, reader = _open_megatron(mg_dir, iteration)
     rows, units, reward = _megatron_units(meta, fam, arch, reader)
@@ -439,14 +468,23 @@ def megatron_to_hf(mg_dir: str, target: str, *, dtype=None, max_shard_bytes: int
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
         hf_io.copy_side_files(mg_dir, tmp)
-    log(f"converted {fam.name} {mg_dir} (TP={reader.tp} PP={reader.pp} EP={reader.ep}) -> {target}")
+    log(f"converted {fam.name} {label} (TP={reader.tp} PP={reader.pp} EP={reader.ep}) -> {target}")
     return {"family": fam.name, "reward_model": reward, "tp": reader.tp, "pp": reader.pp}
 
 
 def reshard(mg_dir: str, target: str, *, tp: int = 1, pp: int = 1, ep: int = 1, dtype=None,
             divisible_by: Optional[int] = None, iteration=None, overwrite: bool = False,
             log: Callable = print) -> dict:
-    """Megatron -> Megatron at another TP/PP/EP (model weights only; training state is dropped)."""
+    """Megatron -> Megatron (legacy output) at another TP/PP/EP, from a legacy or torch_dist
+    checkpoint (model weights only; training state is dropped with a note)."""
+    with legacy_source(mg_dir, iteration, target, log) as (src_dir, it):
+        return _reshard(src_dir, target, tp=tp, pp=pp, ep=ep, dtype=dtype,
+                        divisible_by=divisible_by, iteration=it, overwrite=overwrite, log=log,
+                        label=mg_dir)
+
+
+def _reshard(mg_dir: str, target: str, *, tp, pp, ep, dtype, divisible_by, iteration, overwrite,
+             log, label) -> dict:
     dtype = _dtype(dtype)
     meta, hf_config, fam, arch, reader = _open_megatron(mg_dir, iteration)
     check_layout(arch, tp, pp, ep)
@@ -477,6 +515,6 @@ def reshard(mg_dir: str, target: str, *, tp: int = 1, pp: int = 1, ep: int = 1, 
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
         hf_io.copy_side_files(mg_dir, tmp)
-    log(f"resharded {mg_dir} (TP={reader.tp} PP={reader.pp} EP={reader.ep}) -> {target} "
+    log(f"resharded {label} (TP={reader.tp} PP={reader.pp} EP={reader.ep}) -> {target} "
         f"(TP={tp} PP={pp} EP={ep})")
     return new_meta

@@ -24,7 +24,7 @@ def _llama(**kw):
 
 # name -> (hf config, options). options: ep (expert-parallel size to check), skip (layouts)
 CASES = {
-    "llama": (_llama(), {}),
+    "llama": (_llama(), {"torch_dist": True}),
     # MQA: one KV group for TP=2 (megatron replicates it); tied embeddings across PP stages;
     # llama3 rope scaling with a short original context so that scaling changes the result
     "llama_mqa_tied": (_llama(num_key_value_heads=1, tie_word_embeddings=True, rope_scaling={

@@ -118,6 +118,27 @@ def prepare(work: str, names, results) -> None:
             r["reshard_tp2_pp2"] = _err()
 
 
+def save_torch_dist(model, converted: str, root: str) -> None:
+    """Collective: save the loaded TP=2 model as a torch_dist checkpoint at iteration 7, with the
+    converted checkpoint's metadata (what a training run started from it would carry)."""
+    import shutil
+
+    from megatron.core import dist_checkpointing
+
+    from megatron_patch.convert import layout
+
+    d = os.path.join(root, layout.iter_dirname(7))
+    if dist.get_rank() == 0:
+        os.makedirs(d, exist_ok=True)
+        for f in ("megatron_patch.json", "config.json"):
+            shutil.copy(os.path.join(converted, f), os.path.join(root, f))
+    dist.barrier()
+    dist_checkpointing.save({"model": model.sharded_state_dict(), "iteration": 7}, d)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        layout.write_tracker(root, 7)
+
+
 def run_layout(work: str, lay: str, names, results) -> None:
     kw = LAYOUTS[lay]
     tp, pp, ep = kw["tp"], kw["pp"], kw["ep"]
@@ -157,6 +178,8 @@ def run_layout(work: str, lay: str, names, results) -> None:
                     dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
             if checker:
                 torch.testing.assert_close(out[..., :VOCAB], ref["logits"])
+            if lay == "tp2" and opts.get("torch_dist"):
+                save_torch_dist(model, os.path.join(d, lay), os.path.join(d, "tp2_torch_dist"))
         except Exception:
             msg = _err()
         if checker or msg != "ok":
