@@ -42,7 +42,9 @@ def _worker(mg_dir: str, ids_path: str, out_path: str) -> None:
     platform.init_process_group()
     ps.initialize_model_parallel(tp, pp, expert_model_parallel_size=ep)
     model_parallel_cuda_manual_seed(1234)
-    cfg = transformer_config(arch, tp=tp, pp=pp, ep=ep, sequence_parallel=False)
+    # megatron-core requires sequence parallelism for MoE with TP > 1
+    sp = tp > 1 and num_experts(arch) > 0
+    cfg = transformer_config(arch, tp=tp, pp=pp, ep=ep, sequence_parallel=sp)
     padded = int(meta.get("padded_vocab_size") or arch.model["vocab_size"])
     model = build_gpt_model(arch, cfg, vocab_size=padded, parallel_output=False).eval()
     load.load_rank(model, mg_dir, tp_rank=ps.get_tensor_model_parallel_rank(),
@@ -54,7 +56,8 @@ def _worker(mg_dir: str, ids_path: str, out_path: str) -> None:
     stage = ps.get_pipeline_model_parallel_rank()
     with torch.no_grad():
         if stage > 0:
-            hidden = torch.empty(s, b, arch.config["hidden_size"])  # [s, b, h]
+            # [s, b, h], or [s/tp, b, h] under sequence parallelism
+            hidden = torch.empty(s // tp if sp else s, b, arch.config["hidden_size"])
             dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
             model.set_input_tensor(hidden)
         out = model(ids, pos, None)

@@ -97,6 +97,9 @@ def prepare(work: str, names, results) -> None:
                 engine.megatron_to_hf(os.path.join(d, lay), os.path.join(d, f"hf_from_{lay}"),
                                       log=lambda *a: None)
                 compare_dirs(os.path.join(d, "hf"), os.path.join(d, f"hf_from_{lay}"))
+                import transformers as T
+
+                T.AutoModelForCausalLM.from_pretrained(os.path.join(d, f"hf_from_{lay}"))
                 r[f"roundtrip_{lay}"] = "ok"
             except Exception:
                 r[f"roundtrip_{lay}"] = _err()

@@ -1,4 +1,8 @@
-"""Mixtral layer spec: megatron-core's local GPT layer with a MoE MLP (``SequentialMLP`` experts)."""
+"""Mixtral layer spec: megatron-core's local GPT layer with a MoE MLP (``SequentialMLP`` experts).
+
+The SDPA core attention (``flash=True`` without Transformer Engine) has no sliding window, so a
+windowed model keeps megatron-core's ``DotProductAttention``.
+"""
 from __future__ import annotations
 
 from megatron_patch.models.common.spec import local_layer_spec, te_layer_spec
@@ -8,4 +12,5 @@ def layer_spec(arch, use_te: bool = False, flash: bool = False):
     experts = arch.config["num_moe_experts"]
     if use_te:
         return te_layer_spec(num_experts=experts)
-    return local_layer_spec(num_experts=experts, flash=flash, normalization="RMSNorm")
+    return local_layer_spec(num_experts=experts, flash=flash and not arch.config.get("window_size"),
+                            normalization="RMSNorm")
