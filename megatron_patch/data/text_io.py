@@ -334,3 +334,26 @@ def write_lines(path: str, lines: Iterable[bytes]) -> int:
             f.write(line)
             n += 1
     return n
+
+
+def load_records(paths, what: str = "records", log=None) -> Tuple[List[Tuple[str, int, object]],
+                                                                   BadRecords]:
+    """Every record of ``paths`` (files, folders or globs of .json arrays / .jsonl[.zst]) as
+    ``(path, line_or_index, obj)``, with bad lines reported. Raises ``ValueError`` when there were
+    records but every one was bad, or when there were none at all."""
+    import sys
+
+    report = BadRecords()
+    out: List[Tuple[str, int, object]] = []
+    for path in list_input_files(paths, (".json", ".jsonl", ".json.zst", ".jsonl.zst")):
+        for n, obj in iter_records(path, report):
+            out.append((path, n, obj))
+    if report:
+        print(f"{what}: skipped {report.total} bad lines {dict(report.counts)}",
+              file=log or sys.stderr)
+        for ex in report.examples:
+            print(f"  bad: {ex}", file=log or sys.stderr)
+    if not out:
+        raise ValueError(f"{what}: no valid records in {paths!r}"
+                         + (f" ({report.total} bad: {report.examples[:3]})" if report else ""))
+    return out, report

@@ -1,0 +1,72 @@
+"""RL (PPO) prompt data: jsonl ``{prompt}`` or ``{query}`` as a torch ``Dataset``.
+
+Items are left-padded to ``pad_len`` (generation appends on the right): ``tokens`` [L] (pad id on
+the left), ``attention_mask`` None, ``position_ids`` [L] (0 on padding, then 0, 1, ... over the
+prompt), ``labels`` all -100 and ``loss_mask`` zeros (nothing of a prompt is trained on), and
+``prompt_length`` (real tokens). Prompts longer than ``max_prompt_len`` keep their *last* tokens.
+With ``use_chat_template`` the prompt is rendered as a user turn plus the generation prompt.
+``self.prompts[i]`` is the text. Malformed records are reported with file:line and skipped.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from megatron_patch.data.sft import IGNORE_INDEX, _use_bos
+from megatron_patch.data.text_io import load_records
+
+
+def prompt_text(obj) -> str:
+    if isinstance(obj, str):
+        return obj
+    if isinstance(obj, dict):
+        for k in ("prompt", "query"):
+            if isinstance(obj.get(k), str) and obj[k]:
+                return obj[k]
+    raise ValueError("RL prompt records need a non-empty string 'prompt' or 'query'")
+
+
+class PromptDataset(Dataset):
+    """RL prompts (see the module docstring)."""
+
+    def __init__(self, paths, tokenizer, max_prompt_len: int, pad_len: Optional[int] = None,
+                 use_chat_template: bool = False, add_bos: Optional[bool] = None) -> None:
+        self.length = int(pad_len or max_prompt_len)
+        self.max_tokens = min(int(max_prompt_len), self.length)
+        self.pad_id = tokenizer.pad
+        records, self.bad = load_records(paths, "RL prompts")
+        self.prompts: List[str] = []
+        self.ids: List[List[int]] = []
+        for path, n, obj in records:
+            try:
+                text = prompt_text(obj)
+            except ValueError as e:
+                self.bad.add(path, n, "bad-prompt-record", str(e)[:80])
+                continue
+            if use_chat_template:
+                ids = list(tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                         add_generation_prompt=True, tokenize=True))
+            else:
+                ids = ([tokenizer.bos] if _use_bos(tokenizer, add_bos) else []) + \
+                    tokenizer.tokenize(text)
+            self.prompts.append(text)
+            self.ids.append(ids[-self.max_tokens:])
+        if not self.ids:
+            raise ValueError(f"RL prompts {paths!r}: every record is malformed "
+                             f"({self.bad.examples[:3]})")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        ids = self.ids[i]
+        n, L = len(ids), self.length
+        tokens = torch.full((L,), self.pad_id, dtype=torch.long)
+        tokens[L - n:] = torch.tensor(ids, dtype=torch.long)
+        pos = torch.zeros(L, dtype=torch.long)
+        pos[L - n:] = torch.arange(n)
+        return {"tokens": tokens, "labels": torch.full((L,), IGNORE_INDEX, dtype=torch.long),
+                "loss_mask": torch.zeros(L), "attention_mask": None, "position_ids": pos,
+                "prompt_length": torch.tensor(n)}
