@@ -227,6 +227,9 @@ class GPT2BPETokenizer(HFTokenizer):
     def files(self) -> List[str]:
         return [self._vocab_file, self._merge_file]
 
+    def _save_name(self, src: str) -> str:
+        return "vocab.json" if src == self._vocab_file else "merges.txt"
+
 
 # ------------------------------------------------------------------------------------------------
 # SentencePiece (LLaMA-1/2, Mistral, Baichuan-style .model)
@@ -293,6 +296,9 @@ class SentencePieceTokenizer(PatchTokenizer):
     @property
     def files(self) -> List[str]:
         return [self.model_file] + self._side
+
+    def _save_name(self, src: str) -> str:
+        return "tokenizer.model" if src == self.model_file else os.path.basename(src)
 
     def _extra_files(self) -> Dict[str, str]:
         # Without a config naming the class, transformers' AutoTokenizer mis-reads a bare .model.

@@ -179,6 +179,10 @@ class PatchTokenizer(MegatronTokenizerBase, MegatronLegacyTokenizer):
         """The files that make up this tokenizer (copied by ``save_pretrained``)."""
         return []
 
+    def _save_name(self, src: str) -> str:
+        """File name a tokenizer file gets in a checkpoint folder (the family's standard name)."""
+        return os.path.basename(src)
+
     def _extra_files(self) -> Dict[str, str]:
         """Generated files for ``save_pretrained``: name -> text (only written when absent)."""
         return {}
@@ -188,7 +192,7 @@ class PatchTokenizer(MegatronTokenizerBase, MegatronLegacyTokenizer):
         os.makedirs(directory, exist_ok=True)
         written = []
         for f in self.files:
-            dst = os.path.join(directory, os.path.basename(f))
+            dst = os.path.join(directory, self._save_name(f))
             if os.path.abspath(f) != os.path.abspath(dst):
                 shutil.copy2(f, dst)
             written.append(dst)
