@@ -142,8 +142,6 @@ def test_unknown_architecture(tiny_hf, tmp_path):
 
 
 def test_missing_shard_and_truncated_file(tmp_path):
-    import transformers  # noqa: F401
-
     from megatron_patch.convert.rules import ConversionError
 
     src = tmp_path / "sharded"

@@ -42,7 +42,6 @@ def _global_shape(ckpt_dir: str, key: str):
 
 def _convert_in_this_process(root: str, target: str, iteration: Optional[str]) -> None:
     import megatron_patch  # noqa: F401  (patches before megatron is used)
-    import torch
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
