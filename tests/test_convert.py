@@ -254,3 +254,31 @@ def test_training_checkpoint_reshard_drops_optimizer(tiny_hf, tmp_path):
             assert torch.equal(a["model"][k], b["model"][k]), k
     meta = json.loads((tmp_path / "pp2" / "megatron_patch.json").read_text())
     assert meta["pipeline_model_parallel_size"] == 2 and meta["source_iteration"] == 100
+
+
+def test_virtual_pipeline_training_checkpoint_converts(tmp_path):
+    """A PP=2 x VPP=2 training checkpoint (model0/model1 chunks per rank) converts back exactly."""
+    import torch
+
+    from tests.workers.convert_parity import compare_dirs
+
+    hf = tmp_path / "hf"
+    build_hf(_llama(num_hidden_layers=4), str(hf))
+    e = _engine()
+    e.hf_to_megatron(str(hf), str(tmp_path / "pp4"), pp=4, log=_quiet)
+    vpp = tmp_path / "vpp"
+    os.makedirs(vpp / "iter_0000003")
+    for p in range(2):  # PP rank p holds virtual stages p and 2 + p
+        chunks = [torch.load(tmp_path / "pp4" / "release" / f"mp_rank_00_{s:03d}" /
+                             "model_optim_rng.pt")["model"] for s in (p, 2 + p)]
+        os.makedirs(vpp / "iter_0000003" / f"mp_rank_00_{p:03d}")
+        torch.save({"model0": chunks[0], "model1": chunks[1], "iteration": 3},
+                   vpp / "iter_0000003" / f"mp_rank_00_{p:03d}" / "model_optim_rng.pt")
+    (vpp / "latest_checkpointed_iteration.txt").write_text("3")
+    (vpp / "config.json").write_text((hf / "config.json").read_text())
+    meta = json.loads((tmp_path / "pp4" / "megatron_patch.json").read_text())
+    meta.pop("hf_config")
+    meta.update(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
+    (vpp / "megatron_patch.json").write_text(json.dumps(meta))
+    e.megatron_to_hf(str(vpp), str(tmp_path / "back"), log=_quiet)
+    compare_dirs(str(hf), str(tmp_path / "back"))

@@ -6,7 +6,9 @@
 
 Loaders: any ``*_hf`` / ``hf`` / ``huggingface`` name reads an HF folder (the family comes from its
 config.json); ``megatron``/``mcore`` reads a Megatron checkpoint. Savers: ``megatron``/``mcore``
-(resharding when the loader is Megatron too) and ``hf``/``huggingface``.
+(resharding when the loader is Megatron too) and ``hf``/``huggingface``. ``--true-vocab-size`` is
+accepted for compatibility and ignored: the vocabulary comes from the HF checkpoint (plus
+``EXTRA_VOCAB_SIZE`` through the 6-argument script).
 """
 import argparse
 import os
@@ -31,7 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--target-expert-parallel-size", type=int, default=1)
     p.add_argument("--tokenizer-model", default=None)
     p.add_argument("--megatron-path", default=None)
-    p.add_argument("--true-vocab-size", type=int, default=None)
+    p.add_argument("--true-vocab-size", type=int, default=None, help="accepted, ignored")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     p.add_argument("--params-dtype", "--saver-dtype", dest="dtype", default=None,
                    choices=["fp32", "fp16", "bf16"])
