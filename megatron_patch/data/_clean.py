@@ -218,10 +218,11 @@ def _filter_task(args):
 
 
 def clean_corpus(inputs, output_dir: str, processes: int = 1, opts: CleanOptions = CleanOptions(),
-                 log=sys.stderr) -> dict:
+                 log=None) -> dict:
     """Clean every raw file of ``inputs`` (file, folder or glob) into ``output_dir`` (one
     ``.jsonl`` per input file), deduplicate across all of them, print and return a summary (also
     written to ``output_dir/clean_summary.json``)."""
+    log = log or sys.stderr
     t0 = time.time()
     files = list_input_files(inputs, RAW_EXTS)
     root = inputs if isinstance(inputs, str) and os.path.isdir(inputs) else None

@@ -159,7 +159,7 @@ def encode_task(task) -> dict:
                 bad.add(path, first + i, "truncated-line")
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.decode("utf-8"))
             except UnicodeDecodeError:
                 bad.add(path, first + i, "invalid-utf8")
                 continue
@@ -236,7 +236,7 @@ def _sample_texts(files: Sequence[str], key: str, limit: int = 256) -> List[str]
         else:
             recs = task[3]
         for r in recs:
-            if isinstance(r, dict) and isinstance(r.get(key), str) and r[key]:
+            if isinstance(r, dict) and isinstance(r.get(key), str) and 0 < len(r[key]) <= 1 << 16:
                 out.append(r[key])
                 if len(out) >= limit:
                     return out
@@ -245,7 +245,8 @@ def _sample_texts(files: Sequence[str], key: str, limit: int = 256) -> List[str]
 
 
 class _Progress:
-    def __init__(self, interval: float, stream=sys.stderr) -> None:
+    def __init__(self, interval: float, stream=None) -> None:
+        stream = stream or sys.stderr
         self.t0 = self.last = time.time()
         self.interval = interval
         self.stream = stream
@@ -307,11 +308,12 @@ def _run_partition(files, prefix, cfg: PreprocessConfig, tokenizer, encoder, dty
     return outputs
 
 
-def preprocess(cfg: PreprocessConfig, tokenizer=None, log=sys.stderr) -> dict:
+def preprocess(cfg: PreprocessConfig, tokenizer=None, log=None) -> dict:
     """Run the whole conversion; returns a summary dict (``ok`` False when nothing was written)."""
     from megatron_patch.tokenizer import build_tokenizer
     from megatron_patch.tokenizer.fast import make_batch_encoder
 
+    log = log or sys.stderr
     t0 = time.time()
     cpu0 = _cpu_seconds()
     files = list_input_files(cfg.input, INPUT_EXTS)

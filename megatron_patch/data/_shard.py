@@ -25,11 +25,12 @@ def _compress_to(path: str, data: bytes, level: int) -> int:
 
 
 def shard_and_compress(inputs, output_dir: str, lines_per_shard: int = 1000, threads: int = 4,
-                       level: int = 3, prefix: str = "shard", log=sys.stderr) -> dict:
+                       level: int = 3, prefix: str = "shard", log=None) -> dict:
     """Write ``output_dir/<prefix>_00000.jsonl.zst``, ... each holding ``lines_per_shard`` lines
     of the inputs (in sorted file order; blank lines skipped). Returns a summary dict."""
     if lines_per_shard <= 0:
         raise ValueError("lines_per_shard must be positive")
+    log = log or sys.stderr
     t0 = time.time()
     files = list_input_files(inputs, (".jsonl", ".jsonl.zst"))
     os.makedirs(output_dir, exist_ok=True)
