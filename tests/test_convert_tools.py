@@ -103,7 +103,7 @@ def test_scripts_usage_and_errors(tmp_path):
     build_hf(_llama(), str(hf))
     r = subprocess.run(["bash", os.path.join(TOOLS, "reward_model_convertor_megatron.sh"), "-",
                         str(hf), str(tmp_path / "mg"), "1", "1", "false"], capture_output=True,
-                       text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                       text=True, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable))
     assert r.returncode == 1 and "not a reward model" in r.stderr, r.stderr
     assert not (tmp_path / "mg").exists()
 

@@ -1,7 +1,8 @@
 #!/bin/bash
 # HF <-> Megatron checkpoint conversion (all families; the family comes from the HF config.json or
 # from the Megatron checkpoint's megatron_patch.json). A Megatron SOURCE with MG2HF=false is
-# resharded to TP/PP. Env: EXTRA_VOCAB_SIZE, EP, CONVERT_DTYPE (fp32|fp16|bf16), FAMILY.
+# resharded to TP/PP. Env: EXTRA_VOCAB_SIZE, EP, CONVERT_DTYPE (fp32|fp16|bf16), FAMILY,
+# PYTHON (the interpreter, default python).
 set -o pipefail
 usage() {
   cat >&2 <<USAGE
@@ -21,4 +22,4 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PATCH_ROOT="$(cd "$HERE/../.." && pwd)"
 if [ "$MEGATRON_PATH" != "-" ]; then export PYTHONPATH="$MEGATRON_PATH:$PYTHONPATH"; fi
 export PYTHONPATH="$PATCH_ROOT:$PYTHONPATH"
-exec python -m megatron_patch.convert.cli auto "$SOURCE" "$TARGET" "$TP" "$PP" "$MG2HF" ${CONVERT_EXTRA_ARGS}
+exec "${PYTHON:-python}" -m megatron_patch.convert.cli auto "$SOURCE" "$TARGET" "$TP" "$PP" "$MG2HF" ${CONVERT_EXTRA_ARGS}
