@@ -13,6 +13,7 @@ and falls back to ``reference`` (saying why in ``fallback_reason``) on any diffe
 """
 from __future__ import annotations
 
+import itertools
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -53,7 +54,8 @@ class BatchEncoder:
         lengths = np.fromiter((len(x) for x in lists), dtype=np.int64, count=len(lists))
         offsets = np.zeros(len(lists) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        flat = np.fromiter((i for x in lists for i in x), dtype=np.uint32, count=int(offsets[-1]))
+        flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.uint32,
+                           count=int(offsets[-1]))
         return flat, offsets
 
 
@@ -68,16 +70,7 @@ class GigatokenEncoder(BatchEncoder):
 
         family = getattr(tokenizer, "family", None)
         if family == "sentencepiece":
-            # sentencepiece never matches "<s>"/"</s>" written in text; drop the added-token
-            # matching gigatoken's converter would do (the identity check below proves the result)
-            import json
-
-            from gigatoken._load.sentencepiece import sentencepiece_to_tokenizer_json
-
-            with open(tokenizer.model_file, "rb") as f:
-                spec = json.loads(sentencepiece_to_tokenizer_json(f.read()))
-            spec["added_tokens"] = []
-            self.gt = gt.Tokenizer.from_json(json.dumps(spec))
+            self.gt = gt.Tokenizer.from_json(_sentencepiece_json(tokenizer.model_file))
         elif family == "tiktoken":
             # no special tokens: ordinary encoding, like TiktokenTokenizer.tokenize
             self.gt = gt.Tokenizer.from_tiktoken(tokenizer.model_file, pretokenizer="qwen2",
@@ -101,6 +94,45 @@ class GigatokenEncoder(BatchEncoder):
 
     def encode_lists(self, texts: Sequence[str]) -> List[List[int]]:
         return self.gt.encode_batch_list(list(texts), parallel=False)
+
+
+def _sentencepiece_json(model_file: str) -> str:
+    """gigatoken's tokenizer.json for a SentencePiece model, without added-token matching
+    (sentencepiece never matches "<s>"/"</s>" written in text; the identity check proves the
+    result). The conversion costs ~1 CPU-second, so it is cached under
+    ``$MEGATRON_PATCH_CACHE`` (default ``~/.cache/megatron_patch``), keyed by the model's hash."""
+    import hashlib
+    import json
+    import os
+
+    with open(model_file, "rb") as f:
+        data = f.read()
+    from importlib.metadata import version
+
+    key = hashlib.sha256(data + version("gigatoken").encode()).hexdigest()[:24]
+    cache_dir = os.path.join(os.environ.get("MEGATRON_PATCH_CACHE") or
+                             os.path.join(os.path.expanduser("~"), ".cache", "megatron_patch"),
+                             "gigatoken")
+    cached = os.path.join(cache_dir, f"spm_{key}.json")
+    try:
+        with open(cached, encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        pass
+    from gigatoken._load.sentencepiece import sentencepiece_to_tokenizer_json
+
+    spec = json.loads(sentencepiece_to_tokenizer_json(data))
+    spec["added_tokens"] = []
+    text = json.dumps(spec)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{cached}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, cached)
+    except OSError:
+        pass
+    return text
 
 
 def first_mismatch(a: BatchEncoder, b: BatchEncoder, texts: Sequence[str]) -> Optional[int]:
