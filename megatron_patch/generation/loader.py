@@ -1,0 +1,147 @@
+"""Load a legacy Megatron checkpoint (release or latest iteration) for generation on this rank.
+
+``load_for_generation(ckpt, tp=, pp=)`` reads ``megatron_patch.json`` / ``config.json`` (the family and
+the architecture: ``model_size='auto'``, or a size preset of the family), initialises the model
+parallel state, builds this rank's ``GPTModel`` stage and loads its rank file. A checkpoint saved at
+another TP/PP is resharded once by the conversion engine into a temporary folder beside nothing
+(``tempfile``), which is removed when the process exits.
+
+``load_tokenizer(spec, ckpt)``: ``spec`` is a tokenizer folder / ``.model`` file / ``TOKENIZER_PATH``
+key, or ``-`` / ``none`` / empty for the tokenizer files stored in the checkpoint folder.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+import torch
+
+
+class GenerationSetupError(RuntimeError):
+    """A problem with the checkpoint, tokenizer or layout, reported as one line by the CLI."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: object
+    family: str
+    hf_config: dict
+    vocab_size: int  # ids the tokenizer can produce (logits beyond are vocabulary padding)
+    padded_vocab_size: int
+    max_position_embeddings: Optional[int]
+    checkpoint: str
+
+
+def _checkpoint_layout(root: str, num_layers: int, n_experts: int):
+    from megatron_patch.convert import mg_io
+    from megatron_patch.convert.rules import ConversionError
+
+    try:
+        r = mg_io.MegatronReader(root, num_layers, n_experts)
+    except ConversionError as e:
+        raise GenerationSetupError(str(e)) from None
+    return r.tp, r.pp, r.ep
+
+
+def _arch(meta: dict, hf_config: Optional[dict], model_size: str):
+    from megatron_patch.models.registry import family_for_hf_config, get_family
+
+    family = meta.get("family")
+    if model_size and model_size.lower() != "auto":
+        fam = get_family(family) if family else family_for_hf_config(hf_config or {})
+        try:
+            preset = fam.preset(model_size)
+        except KeyError as e:
+            raise GenerationSetupError(str(e).strip('"')) from None
+        if hf_config and int(preset.get("num_hidden_layers", preset.get("n_layer", -1))) != int(
+                hf_config.get("num_hidden_layers", hf_config.get("n_layer", -2))):
+            raise GenerationSetupError(f"MODEL_SIZE {model_size} does not match the checkpoint's "
+                                       "config.json (use auto)")
+        if hf_config and "vocab_size" in hf_config:
+            preset["vocab_size"] = hf_config["vocab_size"]
+        hf_config = preset
+    if not hf_config:
+        raise GenerationSetupError("the checkpoint has no config.json / hf_config; pass MODEL_SIZE")
+    fam = get_family(family) if family else family_for_hf_config(hf_config)
+    return fam, fam.config_table.to_megatron(hf_config), hf_config
+
+
+def load_for_generation(ckpt: str, *, tp: int = 1, pp: int = 1, model_size: str = "auto",
+                        precision: str = "fp32", flash: bool = False, seed: int = 1234,
+                        log=print) -> LoadedModel:
+    """Build and load this rank's stage. torch.distributed must not be initialised at TP*PP>1 yet
+    (it is initialised here from the torchrun environment)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_patch import platform
+    from megatron_patch.convert import layout, load
+    from megatron_patch.models.builder import build_gpt_model, transformer_config
+
+    if not os.path.isdir(ckpt):
+        raise GenerationSetupError(f"checkpoint folder {ckpt} does not exist")
+    try:
+        iteration = layout.read_tracker(ckpt)  # None = release
+    except layout.CheckpointError as e:
+        raise GenerationSetupError(f"{ckpt} is not a Megatron checkpoint: {e}") from None
+    meta = layout.read_meta(ckpt)  # {} for a checkpoint without our metadata
+    hf_config = meta.get("hf_config") or layout.read_hf_config(ckpt)
+    fam, arch, hf_config = _arch(meta, hf_config, model_size)
+    n_exp = int(arch.config.get("num_moe_experts") or 0)
+    platform.init_process_group()
+    world = torch.distributed.get_world_size()
+    if world != tp * pp:
+        raise GenerationSetupError(f"{world} processes for TP={tp} x PP={pp}: start TP*PP ranks")
+    c_tp, c_pp, c_ep = _checkpoint_layout(ckpt, arch.config["num_layers"], n_exp)
+    root = ckpt
+    if (c_tp, c_pp) != (tp, pp):
+        root = _resharded(ckpt, tp, pp, c_ep, log)
+        iteration = layout.read_tracker(root)
+    ps.initialize_model_parallel(tp, pp, expert_model_parallel_size=c_ep)
+    model_parallel_cuda_manual_seed(seed)
+    cfg = transformer_config(arch, tp=tp, pp=pp, ep=c_ep, precision=precision,
+                             sequence_parallel=tp > 1 and n_exp > 0)
+    padded = int(meta.get("padded_vocab_size") or arch.model["vocab_size"])
+    model = build_gpt_model(arch, cfg, vocab_size=padded, flash=flash).eval()
+    load.load_rank(model, root, tp_rank=ps.get_tensor_model_parallel_rank(),
+                   pp_rank=ps.get_pipeline_model_parallel_rank(), pp_size=pp,
+                   ep_rank=ps.get_expert_model_parallel_rank(), ep_size=c_ep, iteration=iteration)
+    vocab = int(meta.get("original_vocab_size") or hf_config.get("vocab_size") or padded)
+    max_pos = hf_config.get("max_position_embeddings") or hf_config.get("seq_length")
+    return LoadedModel(model, fam.name, hf_config, min(vocab, padded), padded,
+                       int(max_pos) if max_pos else None, ckpt)
+
+
+def _resharded(ckpt: str, tp: int, pp: int, ep: int, log) -> str:
+    """Rank 0 reshards into a temporary folder; the path is shared with the other ranks."""
+    import torch.distributed as dist
+
+    from megatron_patch.convert import engine
+
+    rank = dist.get_rank()
+    box = [None]
+    if rank == 0:
+        tmp = tempfile.mkdtemp(prefix="gen_reshard_")
+        atexit.register(shutil.rmtree, tmp, True)
+        target = os.path.join(tmp, "ckpt")
+        log(f"checkpoint {ckpt} is not at TP={tp} PP={pp}: resharding into {target}")
+        engine.reshard(ckpt, target, tp=tp, pp=pp, ep=ep, log=lambda *a: None)
+        box = [target]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def load_tokenizer(spec: Optional[str], ckpt: str, tp: int = 1):
+    """The tokenizer named by ``spec`` (path or key), or the one stored in the checkpoint."""
+    from megatron_patch.tokenizer import build_tokenizer
+
+    path = ckpt if spec in (None, "", "-", "none", "None") else spec
+    try:
+        return build_tokenizer("auto", path, tensor_model_parallel_size=tp)
+    except (FileNotFoundError, ValueError) as e:
+        raise GenerationSetupError(f"tokenizer: {e}") from None
