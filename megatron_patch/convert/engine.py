@@ -203,6 +203,9 @@ class HFSource:
     def get(self, name: str) -> torch.Tensor:
         return self.reader.get(self._file_name(name))
 
+    def info(self, name: str):
+        return self.reader.info(self._file_name(name))
+
 
 class MegatronSource:
     """HF-named tensors computed from a Megatron checkpoint through the reverse rules; keeps only the
@@ -311,11 +314,11 @@ def _meta(fam, arch, hf_config, tp, pp, ep, padded, orig_vocab, hf_vocab, extra,
     return m
 
 
-def _first_tensor_dtype(get, units) -> torch.dtype:
+def _first_float_dtype(source: HFSource, units) -> torch.dtype:
     for u in units:
-        t = get(u.hf[0])
-        if t.is_floating_point():
-            return t.dtype
+        _, is_float, dt = source.info(u.hf[0])
+        if is_float:
+            return dt
     return torch.float32
 
 
@@ -347,14 +350,14 @@ def hf_to_megatron(hf_dir: str, target: str, *, tp: int = 1, pp: int = 1, ep: in
     _check_names([n for u in units for n in u.hf], source.names(), ignorable, hf_dir)
 
     emb_units = [u for u in units if u.mg == "embedding.word_embeddings.weight"]
-    hf_vocab = int(source.get(emb_units[0].hf[0]).shape[0]) if emb_units else \
+    hf_vocab = int(source.info(emb_units[0].hf[0])[0][0]) if emb_units else \
         int(arch.model["vocab_size"])
     from megatron_patch.models.builder import padded_vocab
 
     orig_vocab = hf_vocab + int(extra_vocab_size)
     padded = padded_vocab(orig_vocab, divisible_by, tp)
     ctx = shard_ctx(arch, tp, orig_vocab, padded)
-    out_dtype = dtype or _first_tensor_dtype(source.get, units)
+    out_dtype = dtype or _first_float_dtype(source, units)
     with staging(target, overwrite) as tmp:
         write_megatron(source.get, rows, arch, tmp, tp=tp, pp=pp, ep=ep, ctx=ctx, dtype=dtype,
                        log=log)

@@ -107,6 +107,18 @@ class HFReader:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    def info(self, name: str):
+        """(shape, is_floating_point, torch dtype or None) without reading the tensor's data."""
+        fn = self._where.get(name)
+        if fn is not None and fn.endswith(".safetensors"):
+            sl = self._file(fn).get_slice(name)
+            code = sl.get_dtype()
+            dt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                  "F64": torch.float64}.get(code)
+            return tuple(sl.get_shape()), dt is not None, dt
+        t = self.get(name)
+        return tuple(t.shape), t.is_floating_point(), t.dtype
+
     def get(self, name: str) -> torch.Tensor:
         fn = self._where.get(name)
         if fn is None:
