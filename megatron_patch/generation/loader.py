@@ -47,10 +47,14 @@ def _checkpoint_layout(root: str, num_layers: int, n_experts: int):
     return r.tp, r.pp, r.ep
 
 
-def _arch(meta: dict, hf_config: Optional[dict], model_size: str):
+def _arch(meta: dict, hf_config: Optional[dict], model_size: str, family: Optional[str] = None,
+          log=print):
     from megatron_patch.models.registry import family_for_hf_config, get_family
 
-    family = meta.get("family")
+    if meta.get("family") and family and meta["family"] != family:
+        log(f"note: the checkpoint is a {meta['family']} model (script family {family}); "
+            f"using {meta['family']}")
+    family = meta.get("family") or (None if hf_config else family)
     if model_size and model_size.lower() != "auto":
         fam = get_family(family) if family else family_for_hf_config(hf_config or {})
         try:
@@ -71,10 +75,10 @@ def _arch(meta: dict, hf_config: Optional[dict], model_size: str):
 
 
 def load_for_generation(ckpt: str, *, tp: int = 1, pp: int = 1, model_size: str = "auto",
-                        precision: str = "fp32", flash: bool = False, seed: int = 1234,
+                        family: Optional[str] = None, precision: str = "fp32", flash: bool = False, seed: int = 1234,
                         log=print) -> LoadedModel:
-    """Build and load this rank's stage. torch.distributed must not be initialised at TP*PP>1 yet
-    (it is initialised here from the torchrun environment)."""
+    """Build and load this rank's stage; torch.distributed is initialised here from the torchrun
+    environment when it is not yet. A world larger than TP*PP runs data-parallel replicas."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -90,18 +94,24 @@ def load_for_generation(ckpt: str, *, tp: int = 1, pp: int = 1, model_size: str 
         raise GenerationSetupError(f"{ckpt} is not a Megatron checkpoint: {e}") from None
     meta = layout.read_meta(ckpt)  # {} for a checkpoint without our metadata
     hf_config = meta.get("hf_config") or layout.read_hf_config(ckpt)
-    fam, arch, hf_config = _arch(meta, hf_config, model_size)
+    fam, arch, hf_config = _arch(meta, hf_config, model_size, family, log)
     n_exp = int(arch.config.get("num_moe_experts") or 0)
     platform.init_process_group()
     world = torch.distributed.get_world_size()
-    if world != tp * pp:
-        raise GenerationSetupError(f"{world} processes for TP={tp} x PP={pp}: start TP*PP ranks")
+    if world % (tp * pp):
+        raise GenerationSetupError(f"{world} processes do not split into TP={tp} x PP={pp} model "
+                                   "replicas: start a multiple of TP*PP ranks")
     c_tp, c_pp, c_ep = _checkpoint_layout(ckpt, arch.config["num_layers"], n_exp)
     root = ckpt
     if (c_tp, c_pp) != (tp, pp):
         root = _resharded(ckpt, tp, pp, c_ep, log)
         iteration = layout.read_tracker(root)
-    ps.initialize_model_parallel(tp, pp, expert_model_parallel_size=c_ep)
+    if ps.model_parallel_is_initialized():
+        if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                ps.get_expert_model_parallel_world_size()) != (tp, pp, c_ep):
+            ps.destroy_model_parallel()
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tp, pp, expert_model_parallel_size=c_ep)
     model_parallel_cuda_manual_seed(seed)
     cfg = transformer_config(arch, tp=tp, pp=pp, ep=c_ep, precision=precision,
                              sequence_parallel=tp > 1 and n_exp > 0)

@@ -1,0 +1,300 @@
+"""Batch text generation from a legacy Megatron checkpoint: ``python -m megatron_patch.generation.cli``
+(run by ``examples/<family>/run_text_generation_megatron_<family>.sh`` under torchrun, TP x PP ranks).
+
+Input: one prompt per line (text), or jsonl with a ``query`` key (chosen for ``*.jsonl`` files, or
+when the first non-empty line is a JSON object with ``query``). Output, in input order:
+- text in -> one completion per line; newlines inside a completion are written as the two
+  characters ``\\n`` (backslash escaped as ``\\\\``) so that output line i belongs to input line i;
+- jsonl in -> one JSON object per line: the input object plus ``response``.
+
+Bad input: an empty (or blank) prompt is not sent to the model and gets an empty completion, so the
+output always has as many lines as the input. Prompts longer than
+``min(INPUT_SEQ_LEN, SEQ_LEN - OUTPUT_SEQ_LEN)`` tokens are cut from the left with a warning. A
+missing input file, checkpoint or tokenizer ends the run with a one-line ``error: ...`` and exit 1.
+
+Sampling (Megatron's conventions): ``--top-k 1`` or ``--temperature 0`` is greedy; ``--top-k 0
+--top-p 0`` samples from the full (temperature-scaled) distribution; both filters may be set (k
+first). Generation of a row stops at the tokenizer's eos, at any ``--stop`` string (the text is cut
+before it), or after ``--out-seq-length`` tokens. ``--chat`` wraps each prompt as a user message in
+the tokenizer's chat template (with the generation prompt) and also stops at end-of-turn tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import List, Optional, Sequence, Tuple
+
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>", "<|user|>")
+
+
+class InputError(RuntimeError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron_patch.generation.cli",
+                                description="generate completions for a file of prompts")
+    p.add_argument("--checkpoint", required=True, help="legacy Megatron checkpoint folder")
+    p.add_argument("--tokenizer", default="-",
+                   help="tokenizer folder / .model / TOKENIZER_PATH key; - or none: the checkpoint's")
+    p.add_argument("--model-family", default=None,
+                   help="family of the calling script: used when the checkpoint does not name one")
+    p.add_argument("--model-size", default="auto", help="auto (config.json) or a family size preset")
+    p.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=1)
+    p.add_argument("--micro-batch-size", "--batch-size", dest="batch_size", type=int, default=8)
+    p.add_argument("--seq-length", type=int, default=2048, help="prompt + generation tokens")
+    p.add_argument("--input-seq-len", type=int, default=0,
+                   help="longest prompt in tokens (0: SEQ_LEN - OUTPUT_SEQ_LEN)")
+    p.add_argument("--out-seq-length", type=int, default=64, help="new tokens per prompt")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--input-file", required=True)
+    p.add_argument("--output-file", required=True)
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--add-bos", choices=("auto", "yes", "no"), default="auto",
+                   help="prepend BOS to prompts (auto: when the tokenizer would add it)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto: fp32 on CPU, the checkpoint's dtype on GPU")
+    p.add_argument("--flash", action="store_true",
+                   help="torch scaled_dot_product_attention core attention (faster)")
+    return p
+
+
+# ----------------------------------------------------------------------------------- input/output
+
+def read_prompts(path: str) -> Tuple[List[str], Optional[List[dict]]]:
+    """(prompt texts, the jsonl objects or None for a text file). Raises InputError."""
+    if not os.path.isfile(path):
+        raise InputError(f"input file {path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline ends the last line; it is not an extra empty prompt
+    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+    first = next((ln for ln in lines if ln.strip()), "")
+    as_json = path.endswith(".jsonl")
+    if not as_json and first.lstrip().startswith("{"):
+        try:
+            as_json = isinstance(json.loads(first), dict) and "query" in json.loads(first)
+        except ValueError:
+            as_json = False
+    if not as_json:
+        return lines, None
+    objs, prompts = [], []
+    for n, ln in enumerate(lines, 1):
+        if not ln.strip():
+            objs.append({"query": ""})
+            prompts.append("")
+            continue
+        try:
+            o = json.loads(ln)
+        except ValueError as e:
+            raise InputError(f"{path}:{n}: not a JSON object ({e})") from None
+        if not isinstance(o, dict) or not isinstance(o.get("query", ""), str):
+            raise InputError(f"{path}:{n}: expected an object with a string 'query'")
+        objs.append(o)
+        prompts.append(o.get("query", ""))
+    return prompts, objs
+
+
+def escape_line(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
+
+
+def write_outputs(path: str, responses: Sequence[str], objs: Optional[List[dict]]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i, r in enumerate(responses):
+            if objs is None:
+                f.write(escape_line(r) + "\n")
+            else:
+                f.write(json.dumps(dict(objs[i], response=r), ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------- tokenization
+
+def wants_bos(tokenizer, mode: str) -> bool:
+    if mode != "auto":
+        return mode == "yes"
+    bos = getattr(tokenizer, "bos", None)
+    if bos is None:
+        return False
+    backend = getattr(tokenizer, "backend", None)
+    if backend is not None and hasattr(backend, "encode"):
+        try:  # does the tokenizer.json post-processor add it?
+            ids = backend.encode("a", add_special_tokens=True).ids
+            return bool(ids) and ids[0] == bos
+        except Exception:  # noqa: BLE001
+            return False
+    return getattr(tokenizer, "family", "") == "sentencepiece" or \
+        type(tokenizer).__name__ == "SentencePieceTokenizer"
+
+
+def encode_prompts(tokenizer, texts: Sequence[str], *, chat: bool, add_bos: bool, max_prompt: int,
+                   warn=print) -> List[List[int]]:
+    """Token ids per prompt ([] for an empty prompt), cut from the left to ``max_prompt``."""
+    out = []
+    for i, t in enumerate(texts):
+        if not t.strip():
+            out.append([])
+            continue
+        if chat:
+            t = tokenizer.apply_chat_template([{"role": "user", "content": t}],
+                                              add_generation_prompt=True)
+        ids = list(tokenizer.tokenize(t))
+        if add_bos and (not ids or ids[0] != tokenizer.bos):
+            ids = [tokenizer.bos] + ids
+        if len(ids) > max_prompt:
+            warn(f"warning: prompt {i + 1} has {len(ids)} tokens, more than {max_prompt}: "
+                 f"keeping its last {max_prompt}")
+            ids = ids[-max_prompt:]
+        out.append(ids)
+    return out
+
+
+def stop_token_ids(tokenizer, chat: bool) -> List[int]:
+    ids = set()
+    for name in ("eos", "eod"):
+        v = getattr(tokenizer, name, None)
+        if v is not None:
+            ids.add(int(v))
+    if chat:
+        vocab = None
+        try:
+            vocab = tokenizer.vocab
+        except Exception:  # noqa: BLE001
+            pass
+        for tok in END_OF_TURN:
+            if vocab and tok in vocab:
+                ids.add(int(vocab[tok]))
+    return sorted(ids)
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> Tuple[str, bool]:
+    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+# ----------------------------------------------------------------------------------- run
+
+def run(args, log=print) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from megatron_patch import platform
+    from megatron_patch.generation import SamplingParams, generate
+    from megatron_patch.generation.loader import load_for_generation, load_tokenizer
+
+    if args.out_seq_length < 1:
+        raise InputError("OUTPUT_SEQ_LEN must be >= 1")
+    max_prompt = args.seq_length - args.out_seq_length
+    if max_prompt < 1:
+        raise InputError(f"SEQ_LEN {args.seq_length} leaves no room for a prompt before "
+                         f"{args.out_seq_length} new tokens")
+    if args.input_seq_len > 0:
+        max_prompt = min(max_prompt, args.input_seq_len)
+    texts, objs = read_prompts(args.input_file)  # fail before the model is loaded
+    tokenizer = load_tokenizer(args.tokenizer, args.checkpoint, args.tp)
+    precision = args.precision
+    if precision == "auto":
+        precision = "fp32"
+        if platform.use_cuda():
+            from megatron_patch.convert import layout
+
+            dt = str(layout.read_meta(args.checkpoint).get("params_dtype", "bfloat16"))
+            precision = {"float16": "fp16", "float32": "fp32"}.get(dt, "bf16")
+    lm = load_for_generation(args.checkpoint, tp=args.tp, pp=args.pp, model_size=args.model_size,
+                             family=args.model_family, precision=precision, flash=args.flash, log=log)
+    rank0 = dist.get_rank() == 0
+    say = log if rank0 else (lambda *a, **k: None)
+    if lm.max_position_embeddings and args.seq_length > lm.max_position_embeddings:
+        say(f"warning: SEQ_LEN {args.seq_length} is above the model's "
+            f"max_position_embeddings {lm.max_position_embeddings}")
+    prompts = encode_prompts(tokenizer, texts, chat=args.chat,
+                             add_bos=wants_bos(tokenizer, args.add_bos), max_prompt=max_prompt,
+                             warn=lambda m: say(m, file=sys.stderr))
+    stops = [s.encode().decode("unicode_escape") for s in args.stop]
+    params = SamplingParams(max_new_tokens=args.out_seq_length, greedy=args.top_k == 1,
+                            temperature=args.temperature, top_k=max(args.top_k, 0),
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                            stop_token_ids=stop_token_ids(tokenizer, args.chat),
+                            return_logprobs=False)
+    stop_ids = set(params.stop_token_ids)
+    todo = sorted((i for i, p in enumerate(prompts) if p), key=lambda i: len(prompts[i]))
+    responses = [""] * len(prompts)
+    t0, n_tok = time.time(), 0
+    from megatron.core import parallel_state as ps
+
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    mine = []
+
+    def stop_fn(row, ids):
+        return cut_at_stop(tokenizer.detokenize(ids), stops)[1]
+
+    for bi, start in enumerate(range(0, len(todo), args.batch_size)):
+        if bi % dp != dp_rank:  # data-parallel replicas take turns
+            continue
+        idx = todo[start:start + args.batch_size]
+        mine += idx
+        batch = [prompts[i] for i in idx]
+
+        params.seed = args.seed + bi
+        out = generate(lm.model, batch, params, pad_id=int(tokenizer.pad or 0),
+                       vocab_size=lm.vocab_size, stop_fn=stop_fn if stops else None)
+        for r, i in enumerate(idx):
+            ids = out.row(r)
+            n_tok += len(ids)
+            if ids and ids[-1] in stop_ids and out.finish_reasons[r] == "stop_token":
+                ids = ids[:-1]
+            responses[i] = cut_at_stop(tokenizer.detokenize(ids), stops)[0] if stops else \
+                tokenizer.detokenize(ids)
+    if dp > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, {i: responses[i] for i in mine})
+        for part in gathered:
+            for i, r in part.items():
+                responses[i] = r
+        t = torch.tensor([n_tok], dtype=torch.long, device=platform.current_device())
+        dist.all_reduce(t)
+        n_tok = int(t.item()) // (args.tp * args.pp)  # every rank of a replica counted its rows
+    dt = time.time() - t0
+    if rank0:
+        write_outputs(args.output_file, responses, objs)
+    say(f"generated {n_tok} tokens for {len(todo)} prompts ({len(prompts) - len(todo)} empty) in "
+        f"{dt:.2f}s ({n_tok / max(dt, 1e-9):.1f} tokens/s) at TP={args.tp} PP={args.pp}; "
+        f"wrote {args.output_file}")
+    if dist.is_initialized():
+        dist.barrier()
+    return {"tokens": n_tok, "seconds": dt, "prompts": len(prompts)}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    import megatron_patch  # noqa: F401  (patches before megatron is used)
+    from megatron_patch.generation.loader import GenerationSetupError
+
+    try:
+        run(args)
+    except (InputError, GenerationSetupError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Generation on one process (TP=1): greedy tokens equal ``transformers`` ``generate(do_sample=False)``
+for every family on converted weights, for a batch mixing prompt lengths; KV-cache decoding equals
+recomputation without a cache; batched (padded) rows equal their unpadded runs; returned log-probs
+equal a forward pass's log-softmax; seeded sampling is reproducible; top-k = 1 is greedy; the
+repetition penalty matches transformers'; a live model in training mode stays in training mode.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tests.workers.convert_cases import CASES, build_hf  # noqa: E402
+
+NEW = 10
+PROMPT_LENS = (3, 9, 5, 12)
+FAMILIES = ["llama", "llama_mqa_tied", "qwen2", "mistral", "glm", "galactica", "bloom",
+            "falcon_7b", "falcon_40b", "falcon_rw"]
+
+
+def _prompts(vocab, lens=PROMPT_LENS, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("gen")
+
+
+_MODELS = {}
+
+
+def _model(work, case):
+    """(LoadedModel, HF model) for a conversion case, built once per module."""
+    if case in _MODELS:
+        return _MODELS[case]
+    import transformers as T
+
+    import megatron_patch  # noqa: F401
+    from megatron_patch.convert.engine import hf_to_megatron
+    from megatron_patch.generation.loader import load_for_generation
+
+    cfg, opts = CASES[case]
+    hf_dir, mg_dir = str(work / f"{case}_hf"), str(work / f"{case}_mg")
+    build_hf(cfg, hf_dir)
+    hf_to_megatron(hf_dir, mg_dir, tp=1, log=lambda *a: None)
+    lm = load_for_generation(mg_dir, log=lambda *a: None)
+    hf = T.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                attn_implementation=opts.get("attn", "eager")).eval()
+    hf.generation_config.eos_token_id = None  # run the full length, as generate() without stops
+    _MODELS[case] = (lm, hf)
+    return lm, hf
+
+
+def _hf_greedy(hf, prompt, new=NEW, **kw):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=new,
+                          pad_token_id=0, **kw)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("case", FAMILIES)
+def test_greedy_equals_transformers_mixed_lengths(work, case):
+    from megatron_patch.generation import SamplingParams, generate
+
+    lm, hf = _model(work, case)
+    prompts = _prompts(lm.vocab_size)
+    out = generate(lm.model, prompts, SamplingParams(max_new_tokens=NEW, greedy=True),
+                   vocab_size=lm.vocab_size)
+    assert out.lengths.tolist() == [NEW] * len(prompts)
+    for i, p in enumerate(prompts):
+        assert out.row(i) == _hf_greedy(hf, p), f"{case} row {i} (prompt length {len(p)})"
+
+
+def _recompute_greedy(model, prompt, new, vocab):
+    """Greedy decoding by a full forward over the whole sequence at every step (no cache)."""
+    from megatron_patch.generation.engine import inference_mode
+
+    ids = list(prompt)
+    logits_seen = []
+    with inference_mode(model):
+        for _ in range(new):
+            x = torch.tensor([ids])
+            pos = torch.arange(len(ids)).unsqueeze(0)
+            logits = model(x, pos, None, runtime_gather_output=True)[0, -1, :vocab]
+            logits_seen.append(logits)
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):], torch.stack(logits_seen)
+
+
+@pytest.mark.parametrize("case", ["llama", "bloom", "galactica"])
+def test_kv_cache_equals_recompute_and_padded_rows_equal_unpadded(work, case):
+    from megatron_patch.generation import SamplingParams, generate
+
+    lm, _ = _model(work, case)
+    prompts = _prompts(lm.vocab_size, seed=1)
+    params = SamplingParams(max_new_tokens=NEW, greedy=True)
+    batch = generate(lm.model, prompts, params, vocab_size=lm.vocab_size)
+    for i, p in enumerate(prompts):
+        ref, ref_logits = _recompute_greedy(lm.model, p, NEW, lm.vocab_size)
+        assert batch.row(i) == ref
+        lp = torch.log_softmax(ref_logits.float(), -1).gather(-1, torch.tensor(ref)[:, None])[:, 0]
+        torch.testing.assert_close(batch.logprobs[i], lp)
+        single = generate(lm.model, [p], params, vocab_size=lm.vocab_size)
+        assert single.row(0) == batch.row(i)
+        torch.testing.assert_close(single.logprobs[0], batch.logprobs[i])
+
+
+def test_logprobs_equal_forward_log_softmax_when_sampling(work):
+    from megatron_patch.generation import SamplingParams, forward_logprobs, generate
+
+    lm, _ = _model(work, "llama")
+    prompts = _prompts(lm.vocab_size, seed=2)
+    params = SamplingParams(max_new_tokens=NEW, temperature=0.8, top_k=20, top_p=0.9, seed=7,
+                            repetition_penalty=1.1)
+    out = generate(lm.model, prompts, params, vocab_size=lm.vocab_size)
+    for i, p in enumerate(prompts):
+        seq = torch.tensor([p + out.row(i)])
+        ref = forward_logprobs(lm.model, seq, lm.vocab_size)[0, len(p) - 1:]  # [NEW]
+        torch.testing.assert_close(out.logprobs[i], ref)
+    ids, mask = out.sequences(prompts)
+    assert ids.shape == (4, max(PROMPT_LENS) + NEW) and int(mask.sum()) == sum(PROMPT_LENS) + 4 * NEW
+
+
+def test_seeded_sampling_reproducible_and_top_k_1_is_greedy(work):
+    from megatron_patch.generation import SamplingParams, generate
+
+    lm, _ = _model(work, "llama")
+    prompts = _prompts(lm.vocab_size, seed=3)
+    run = lambda **kw: generate(lm.model, prompts, SamplingParams(max_new_tokens=NEW, **kw),
+                                vocab_size=lm.vocab_size)
+    a, b, c = run(seed=11), run(seed=11), run(seed=12)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.tokens, c.tokens)
+    greedy = run(greedy=True)
+    assert torch.equal(run(top_k=1, seed=5).tokens, greedy.tokens)
+    assert torch.equal(run(temperature=0.0).tokens, greedy.tokens)
+    assert all(0 <= t < lm.vocab_size for t in a.tokens.flatten().tolist())
+
+
+def test_repetition_penalty_matches_transformers(work):
+    from megatron_patch.generation import SamplingParams, generate
+
+    lm, hf = _model(work, "llama")
+    prompts = _prompts(lm.vocab_size, seed=4)
+    out = generate(lm.model, prompts, SamplingParams(max_new_tokens=NEW, greedy=True,
+                                                     repetition_penalty=1.5),
+                   vocab_size=lm.vocab_size)
+    plain = generate(lm.model, prompts, SamplingParams(max_new_tokens=NEW, greedy=True),
+                     vocab_size=lm.vocab_size)
+    assert not torch.equal(out.tokens, plain.tokens)  # the penalty changes something here
+    for i, p in enumerate(prompts):
+        assert out.row(i) == _hf_greedy(hf, p, repetition_penalty=1.5)
+
+
+def test_stop_tokens_stop_fn_and_training_mode_restored(work):
+    from megatron_patch.generation import SamplingParams, generate
+    from megatron_patch.generation.engine import unwrap
+
+    lm, _ = _model(work, "llama")
+    prompts = _prompts(lm.vocab_size, seed=5)
+    full = generate(lm.model, prompts, SamplingParams(max_new_tokens=NEW, greedy=True),
+                    vocab_size=lm.vocab_size)
+    stop = full.row(0)[3]
+    cut = generate(lm.model, prompts, SamplingParams(max_new_tokens=NEW, greedy=True,
+                                                     stop_token_ids=[stop]),
+                   vocab_size=lm.vocab_size, pad_id=0)
+    for i in range(len(prompts)):
+        row = full.row(i)
+        expect = row[: row.index(stop) + 1] if stop in row else row
+        assert cut.row(i) == expect
+        assert cut.finish_reasons[i] == ("stop_token" if stop in row else "length")
+        assert cut.tokens[i, len(expect):].eq(0).all()
+    # stop_fn ends row 1 after 2 tokens; training mode of a live model is restored afterwards
+    lm.model.train()
+    out = generate(lm.model, prompts, SamplingParams(max_new_tokens=NEW, greedy=True),
+                   vocab_size=lm.vocab_size, stop_fn=lambda i, ids: i == 1 and len(ids) == 2)
+    assert lm.model.training and unwrap(lm.model) is lm.model
+    lm.model.eval()
+    assert out.row(1) == full.row(1)[:2] and out.finish_reasons[1] == "stop"
+    assert out.row(2) == full.row(2)
+
+
+def test_reused_inference_context_and_errors(work):
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    from megatron_patch.generation import SamplingParams, generate
+
+    lm, _ = _model(work, "llama")
+    prompts = _prompts(lm.vocab_size, seed=6)
+    params = SamplingParams(max_new_tokens=NEW, greedy=True)
+    ctx = StaticInferenceContext(len(prompts), 64)
+    a = generate(lm.model, prompts, params, vocab_size=lm.vocab_size, inference_context=ctx)
+    b = generate(lm.model, prompts, params, vocab_size=lm.vocab_size, inference_context=ctx)
+    assert torch.equal(a.tokens, b.tokens)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(lm.model, [[1, 2], []], params)
+    with pytest.raises(ValueError, match="exceeds"):
+        generate(lm.model, [[1] * 20], params, max_sequence_length=25)
+    with pytest.raises(ValueError):
+        SamplingParams(top_p=1.5)
