@@ -70,6 +70,10 @@ def unwrap(model):
     return inner
 
 
+# module attributes megatron-core caches from config.sequence_parallel at construction
+_SP_FLAGS = ("sequence_parallel", "reduce_scatter_embeddings")
+
+
 @contextlib.contextmanager
 def inference_mode(model):
     """eval + no_grad + sequence parallelism off for the duration; restores everything after."""
@@ -81,17 +85,18 @@ def inference_mode(model):
     if sp_was:
         # one token per step cannot be split over TP ranks: run the layers without SP
         for m in inner.modules():
-            if isinstance(getattr(m, "sequence_parallel", None), bool) and m.sequence_parallel:
-                m.sequence_parallel = False
-                toggled.append(m)
+            for attr in _SP_FLAGS:
+                if getattr(m, attr, None) is True:
+                    setattr(m, attr, False)
+                    toggled.append((m, attr))
         cfg.sequence_parallel = False
     model.eval()
     try:
         with torch.no_grad():
             yield
     finally:
-        for m in toggled:
-            m.sequence_parallel = True
+        for m, attr in toggled:
+            setattr(m, attr, True)
         if sp_was:
             cfg.sequence_parallel = True
         model.train(was_training)
