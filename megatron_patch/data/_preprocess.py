@@ -336,17 +336,23 @@ def _run_partition(files, prefix, cfg: PreprocessConfig, tokenizer, encoder, dty
         for task in _tasks(files, report):
             consume(encode_task(task))
     else:
-        ctx = mp.get_context("fork")
-        with ctx.Pool(workers) as pool:
-            inflight: deque = deque()
-            for task in _tasks(files, report):
-                inflight.append(pool.apply_async(encode_task, (task,)))
-                while len(inflight) >= 2 * workers:
+        import gc
+
+        gc.freeze()  # forked workers then do not copy the parent's heap pages by collecting them
+        try:
+            ctx = mp.get_context("fork")
+            with ctx.Pool(workers) as pool:
+                inflight: deque = deque()
+                for task in _tasks(files, report):
+                    inflight.append(pool.apply_async(encode_task, (task,)))
+                    while len(inflight) >= 2 * workers:
+                        consume(inflight.popleft().get())
+                while inflight:
                     consume(inflight.popleft().get())
-            while inflight:
-                consume(inflight.popleft().get())
-            pool.close()
-            pool.join()
+                pool.close()
+                pool.join()
+        finally:
+            gc.unfreeze()
     for key, b in builders.items():
         b.finalize(outputs[key] + ".idx")
     return outputs
