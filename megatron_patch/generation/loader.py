@@ -106,6 +106,7 @@ def load_for_generation(ckpt: str, *, tp: int = 1, pp: int = 1, model_size: str 
     if (c_tp, c_pp) != (tp, pp):
         root = _resharded(ckpt, tp, pp, c_ep, log)
         iteration = layout.read_tracker(root)
+        meta = layout.read_meta(root) or meta  # the vocabulary may be re-padded for the new TP
     if ps.model_parallel_is_initialized():
         if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
                 ps.get_expert_model_parallel_world_size()) != (tp, pp, c_ep):
