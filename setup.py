@@ -25,6 +25,7 @@ setup(
         "tokenizers",
         "tiktoken",
         "zstandard",
+        "gigatoken>=0.10",  # fast tokenisation for preprocessing; ids verified against the reference
         "safetensors",
         "psutil",  # dist_checkpointing's async writer hangs without it
         "pyyaml",
