@@ -269,3 +269,26 @@ def test_run_make_pretraining_dataset_script(corpus, tmp_path):
     assert "[preprocess] done" in r.stderr and "docs/s" in r.stderr and "MB/s" in r.stderr
     tok = build_tokenizer("auto", llama_model())
     _check_dataset(str(out / "wudao_llamabpe_text_document"), tok, corpus["texts"])
+
+
+def test_json_array_and_multiple_keys(tmp_path):
+    """WuDao-style .json arrays are read as input too; several --json-keys give several outputs."""
+    tok = build_tokenizer("auto", llama_model())
+    paras = peoples_daily(400)
+    recs = [{"text": p, "title": p[:6]} for p in paras]
+    (tmp_path / "arr.json").write_text(json.dumps(recs, ensure_ascii=False), encoding="utf-8")
+    with open(tmp_path / "lines.jsonl", "w", encoding="utf-8") as f:
+        for r in recs:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    a = preprocess(PreprocessConfig(input=str(tmp_path / "arr.json"), output_prefix=str(tmp_path / "a"),
+                                    json_keys=("text", "title"), append_eod=True,
+                                    tokenizer_model=llama_model()), tokenizer=tok)
+    b = preprocess(PreprocessConfig(input=str(tmp_path / "lines.jsonl"),
+                                    output_prefix=str(tmp_path / "b"), json_keys=("text", "title"),
+                                    append_eod=True, tokenizer_model=llama_model(), workers=2),
+                   tokenizer=tok)
+    assert a["documents"] == b["documents"] == 800
+    for key, texts in (("text", paras), ("title", [p[:6] for p in paras])):
+        assert _bytes(str(tmp_path / f"a_{key}_document")) == \
+            _bytes(str(tmp_path / f"b_{key}_document"))
+        _check_dataset(str(tmp_path / f"a_{key}_document"), tok, texts)
