@@ -22,7 +22,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -210,7 +209,7 @@ def main(argv=None) -> int:
                 make_big(corpus, mb * a.scale / 1e3, big)
             e = run_child("child_e2e", kind, path, big, 2, os.path.join(tmp, "ox"))
             steady = e["mb"] / max(e["cpu"] - e["setup"], 1e-9)
-            rows.append((name, e["backend"], f"e2e w=2", e["mb"] / e["cpu"], steady,
+            rows.append((name, e["backend"], "e2e w=2", e["mb"] / e["cpu"], steady,
                          e["tokens"] / e["cpu"], steady / (raw["mb"] / raw["cpu"]), e["wall"],
                          f"{e['mb']:.0f} MB input (corpus x{a.scale}, repeats warm caches)"))
         hdr = (f"{'tokenizer':28} {'backend':10} {'mode':9} {'MB/CPU-s':>9} {'steady':>8} "

@@ -14,7 +14,7 @@ import pytest
 import zstandard
 
 from data_fixtures import chatterbot_dialogs, gpt2_folder, llama_model, peoples_daily, qwen_tiktoken
-from megatron_patch.data._clean import CleanOptions, clean_corpus
+from megatron_patch.data._clean import clean_corpus
 from megatron_patch.data._preprocess import PreprocessConfig, preprocess
 from megatron_patch.data._shard import shard_and_compress
 from megatron_patch.tokenizer import build_tokenizer
@@ -210,7 +210,7 @@ def test_bad_input(tmp_path):
     assert bad["by_reason"]["truncated-zstd"] == 1
     assert s["empty_documents"] == 1
     ex = "\n".join(bad["examples"])
-    assert f"a_bad.jsonl:12: malformed-json" in ex and "a_bad.jsonl:23: invalid-utf8" in ex
+    assert "a_bad.jsonl:12: malformed-json" in ex and "a_bad.jsonl:23: invalid-utf8" in ex
     assert "c_cut.jsonl.zst" in ex
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 

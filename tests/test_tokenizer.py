@@ -206,3 +206,31 @@ def test_reference_encoder_flat(tmp_path):
     assert offs.tolist() == [0, 2, 2, offs[-1]]
     assert flat[:2].tolist() == [22557, 1526]
     assert flat.dtype == np.uint32
+
+
+def test_fast_encoder_falls_back_on_any_difference(monkeypatch):
+    from megatron_patch.tokenizer import fast
+
+    tok = build_tokenizer("auto", llama_model())
+    if gigatoken_available():
+        real = fast.GigatokenEncoder.encode_flat
+
+        def off_by_one(self, texts):
+            flat, offs = real(self, texts)
+            if len(flat):
+                flat = flat.copy()
+                flat[-1] += 1
+            return flat, offs
+
+        monkeypatch.setattr(fast.GigatokenEncoder, "encode_flat", off_by_one)
+        enc = make_batch_encoder(tok, "auto", verify=["Hello world"])
+        assert enc.name == "reference" and "differ" in enc.fallback_reason
+        with pytest.raises(ValueError, match="differ"):
+            make_batch_encoder(tok, "gigatoken")
+
+    def unusable(self, tokenizer):
+        raise ImportError("no gigatoken here")
+
+    monkeypatch.setattr(fast.GigatokenEncoder, "__init__", unusable)
+    enc = make_batch_encoder(tok, "auto")
+    assert enc.name == "reference" and "no gigatoken here" in enc.fallback_reason

@@ -11,7 +11,7 @@ Malformed records are reported with file:line and skipped; all-bad input raises 
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch.utils.data import Dataset

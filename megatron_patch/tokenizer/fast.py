@@ -148,11 +148,9 @@ def first_mismatch(a: BatchEncoder, b: BatchEncoder, texts: Sequence[str]) -> Op
 
 
 def gigatoken_available() -> bool:
-    try:
-        import gigatoken  # noqa: F401
-    except Exception:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("gigatoken") is not None
 
 
 def make_batch_encoder(tokenizer, backend: str = "auto", verify: Sequence[str] = (),
