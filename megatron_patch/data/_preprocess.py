@@ -216,7 +216,9 @@ def _parse_lines(path: str, first: int, blob: bytes, complete: bool, keys,
 
 
 def encode_task(task) -> dict:
-    """Parse and encode one task: ``("lines", path, first_line, blob, complete)`` or
+    """Parse and encode one task: ``("lines", path, first_line, blob, complete)``,
+    ``("range", path, first_line, offset, length)`` (whole lines of a plain file, read here),
+    ``("zfile", path, 1)`` (a whole small compressed file, decompressed here) or
     ``("docs", path, first_index, [record, ...])``. Returns ids per key and the bad records."""
     kind, path, first = task[0], task[1], task[2]
     keys = _STATE["keys"]
@@ -225,6 +227,17 @@ def encode_task(task) -> dict:
     if kind == "lines":
         nbytes = len(task[3])
         empty = _parse_lines(path, first, task[3], task[4], keys, texts, bad)
+    elif kind == "range":
+        with open(path, "rb") as f:
+            f.seek(task[3])
+            blob = f.read(task[4])
+        nbytes = len(blob)
+        empty = _parse_lines(path, first, blob, True, keys, texts, bad)
+    elif kind == "zfile":
+        nbytes = empty = 0
+        for start, blob, complete in iter_line_chunks(path, bad):
+            nbytes += len(blob)
+            empty += _parse_lines(path, start, blob, complete, keys, texts, bad)
     else:
         nbytes = 0
         empty = 0
@@ -248,7 +261,13 @@ def encode_task(task) -> dict:
 # parent side
 # ------------------------------------------------------------------------------------------------
 
-def _tasks(files: Sequence[str], report: BadRecords) -> Iterator[tuple]:
+ZFILE_MAX = 4 << 20  # compressed files up to this size are handed to a worker whole
+
+
+def _tasks(files: Sequence[str], report: BadRecords, ipc: bool = False) -> Iterator[tuple]:
+    """Work items in input order. With ``ipc`` (a worker pool), workers read the data themselves
+    where they can (line ranges of plain files, whole small ``.zst`` files), so the parent does not
+    pickle every byte through a pipe."""
     for path in files:
         if path.endswith((".json", ".json.zst")) and sniff_json_array(path):
             batch: List[object] = []
@@ -263,8 +282,17 @@ def _tasks(files: Sequence[str], report: BadRecords) -> Iterator[tuple]:
             if batch:
                 yield ("docs", path, start, batch)
             continue
+        if ipc and path.endswith(".zst") and os.path.getsize(path) <= ZFILE_MAX:
+            yield ("zfile", path, 1)
+            continue
+        plain = ipc and not path.endswith(".zst")
+        offset = 0
         for first, blob, complete in iter_line_chunks(path, report):
-            yield ("lines", path, first, blob, complete)
+            if plain:
+                yield ("range", path, first, offset, len(blob))
+                offset += len(blob)
+            else:
+                yield ("lines", path, first, blob, complete)
 
 
 def _sample_texts(files: Sequence[str], key: str, limit: int = 256) -> List[str]:
@@ -343,7 +371,7 @@ def _run_partition(files, prefix, cfg: PreprocessConfig, tokenizer, encoder, dty
             ctx = mp.get_context("fork")
             with ctx.Pool(workers) as pool:
                 inflight: deque = deque()
-                for task in _tasks(files, report):
+                for task in _tasks(files, report, ipc=True):
                     inflight.append(pool.apply_async(encode_task, (task,)))
                     while len(inflight) >= 2 * workers:
                         consume(inflight.popleft().get())
