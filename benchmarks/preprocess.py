@@ -117,6 +117,13 @@ def child_e2e(kind, path, corpus, workers, out):
             "maxrss_mb": usage_self / 1024, "child_maxrss_mb": usage_children / 1024}
 
 
+def child_baseline():
+    import megatron_patch.data._preprocess  # noqa: F401
+    import megatron_patch.tokenizer.fast  # noqa: F401
+
+    return {"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def child_identity(kind, path, corpus, limit_mb):
     """Ids of the auto backend == reference ids on the first ``limit_mb`` of the corpus."""
     from megatron_patch.tokenizer import build_tokenizer
@@ -177,8 +184,8 @@ def main(argv=None) -> int:
     p.add_argument("--child", nargs=2, metavar=("FN", "ARGS"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
-        fn = {"child_raw": child_raw, "child_e2e": child_e2e,
-              "child_identity": child_identity}[a.child[0]]
+        fn = {"child_raw": child_raw, "child_e2e": child_e2e, "child_identity": child_identity,
+              "child_baseline": child_baseline}[a.child[0]]
         print("@@" + json.dumps(fn(*json.loads(a.child[1]))))
         return 0
     tmp = tempfile.mkdtemp(prefix="bench_preprocess_")
@@ -224,11 +231,13 @@ def main(argv=None) -> int:
         if a.big_gb:
             big = os.path.join(tmp, "big.jsonl")
             make_big(corpus, a.big_gb, big)
-            kind, path = toks["llama sentencepiece"]
-            e = run_child("child_e2e", kind, path, big, 2, os.path.join(tmp, "big"))
-            print(f"\n{a.big_gb:g} GB input, llama sentencepiece, 2 workers: "
-                  f"{e['mb'] / e['cpu']:.2f} MB/CPU-s, wall {e['wall']:.0f}s, peak RSS parent "
-                  f"{e['maxrss_mb']:.0f} MB, largest worker {e['child_maxrss_mb']:.0f} MB")
+            print(f"\nbaseline RSS after imports: {run_child('child_baseline')['maxrss_mb']:.0f} MB")
+            for name, (kind, path) in toks.items():
+                e = run_child("child_e2e", kind, path, big, 2, os.path.join(tmp, "big"))
+                print(f"{e['mb']:.0f} MB input, {name}, 2 workers: {e['mb'] / e['cpu']:.2f} "
+                      f"MB/CPU-s ({e['tokens'] / e['cpu']:,.0f} tokens/CPU-s), wall {e['wall']:.0f}s, "
+                      f"peak RSS parent {e['maxrss_mb']:.0f} MB, largest worker "
+                      f"{e['child_maxrss_mb']:.0f} MB")
     finally:
         import shutil
 
