@@ -82,11 +82,12 @@ def _recompute_greedy(model, prompt, new, vocab):
 
     ids = list(prompt)
     logits_seen = []
+    dev = next(model.parameters()).device
     with inference_mode(model):
         for _ in range(new):
-            x = torch.tensor([ids])
-            pos = torch.arange(len(ids)).unsqueeze(0)
-            logits = model(x, pos, None, runtime_gather_output=True)[0, -1, :vocab]
+            x = torch.tensor([ids], device=dev)
+            pos = torch.arange(len(ids), device=dev).unsqueeze(0)
+            logits = model(x, pos, None, runtime_gather_output=True)[0, -1, :vocab].cpu()
             logits_seen.append(logits)
             ids.append(int(logits.argmax()))
     return ids[len(prompt):], torch.stack(logits_seen)

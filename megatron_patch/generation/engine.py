@@ -289,12 +289,13 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
 def forward_logprobs(model, sequences: torch.Tensor, vocab_size: Optional[int] = None
                      ) -> torch.Tensor:
     """log p(sequences[:, j+1] | sequences[:, :j+1]) for every j by one forward without a cache:
-    [b, s] ids -> [b, s-1] float32 (single pipeline stage only). Used to check generated log-probs."""
+    [b, s] ids -> [b, s-1] float32 on the CPU (single pipeline stage only; PPO computes its own)."""
     b, s = sequences.shape
+    sequences = sequences.to(next(unwrap(model).parameters()).device)
     pos = torch.arange(s, device=sequences.device).unsqueeze(0).expand(b, -1)
     with inference_mode(model):
         logits = model(sequences, pos, None, runtime_gather_output=True)  # [b, s, V]
     if vocab_size is not None:
         logits = logits[..., :vocab_size]
     lp = torch.log_softmax(logits.float(), dim=-1)[:, :-1]  # [b, s-1, V]
-    return lp.gather(-1, sequences[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return lp.gather(-1, sequences[:, 1:].unsqueeze(-1)).squeeze(-1).cpu()
