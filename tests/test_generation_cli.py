@@ -1,7 +1,8 @@
 """The batch generation CLI and the 17-argument scripts, end to end on a tiny LLaMA checkpoint written
 here in the legacy layout (``release/mp_rank_00/model_optim_rng.pt`` + tracker + megatron_patch.json +
 config.json + GPT-2 tokenizer files):
-- text input through the llama script at TP=1 (MODEL_SIZE tiny): empty and blank lines kept as empty
+- text input through the llama script at TP=1 with 2 data-parallel replicas (MODEL_SIZE tiny): empty
+  and blank lines kept as empty
   completions, an over-long prompt cut from the left with a warning, greedy completions equal to the
   library's on the same token ids;
 - jsonl input through the qwen2-named script at TP=2 (one 2-process launch; the TP=1 checkpoint is
@@ -125,9 +126,11 @@ def test_usage_and_wrong_count_exit_2():
 def test_text_file_through_llama_script(ckpt, reference, tmp_path):
     inp, out = tmp_path / "prompts.txt", tmp_path / "out" / "completions.txt"
     inp.write_text("\n".join(TEXT_PROMPTS) + "\n")
+    # NPROC_PER_NODE=2 at TP=1: two data-parallel replicas take the batches in turns
     r = subprocess.run(["bash", _script("llama"), *_args(ckpt, ckpt, "tiny", 1, str(inp),
                                                              str(out))],
-                       capture_output=True, text=True, env=_env(), cwd=str(tmp_path), timeout=300)
+                       capture_output=True, text=True, env=dict(_env(), NPROC_PER_NODE="2"),
+                       cwd=str(tmp_path), timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = out.read_text().split("\n")
     assert lines[-1] == "" and len(lines) - 1 == len(TEXT_PROMPTS)
@@ -136,7 +139,7 @@ def test_text_file_through_llama_script(ckpt, reference, tmp_path):
     assert lines[1] == "" and lines[3] == "" and all(lines[i] for i in (0, 2, 4, 5))
     log = r.stdout + r.stderr
     assert "warning: prompt 3 has" in log and f"keeping its last {IN_LEN}" in log
-    assert "4 prompts (2 empty)" in log
+    assert "4 prompts (2 empty)" in log and "--nproc-per-node 2" in log
     assert os.path.isfile(str(out) + ".log")
 
 
@@ -193,6 +196,11 @@ def test_chat_and_stop_strings_in_process(ckpt, reference, tmp_path):
                  vocab_size=lm.vocab_size)
     row = g.row(0)[:-1] if g.finish_reasons[0] == "stop_token" else g.row(0)
     assert (tmp_path / "c.txt").read_text() == _escape(tok.detokenize(row)) + "\n"
+    # only empty prompts: nothing is generated, one empty line per input line (tabs, \n escapes)
+    (tmp_path / "e.txt").write_text("\n \n\t\n")
+    cli.run(cli.build_parser().parse_args(common[:-1] + [str(tmp_path / "e.txt"), "--output-file",
+                                                         str(tmp_path / "e.out")]), log=quiet)
+    assert (tmp_path / "e.out").read_text() == "\n\n\n"
     with pytest.raises(cli.InputError, match="no room"):
         cli.run(cli.build_parser().parse_args(["--checkpoint", ckpt, "--seq-length", "8",
                                                "--out-seq-length", "8", "--input-file", str(inp),

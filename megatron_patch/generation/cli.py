@@ -223,7 +223,7 @@ def run(args, log=print) -> dict:
     prompts = encode_prompts(tokenizer, texts, chat=args.chat,
                              add_bos=wants_bos(tokenizer, args.add_bos), max_prompt=max_prompt,
                              warn=lambda m: say(m, file=sys.stderr))
-    stops = [s.encode().decode("unicode_escape") for s in args.stop]
+    stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]  # shell-friendly escapes
     params = SamplingParams(max_new_tokens=args.out_seq_length, greedy=args.top_k == 1,
                             temperature=args.temperature, top_k=max(args.top_k, 0),
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty,
