@@ -204,3 +204,25 @@ def test_reused_inference_context_and_errors(work):
         generate(lm.model, [[1] * 20], params, max_sequence_length=25)
     with pytest.raises(ValueError):
         SamplingParams(top_p=1.5)
+
+
+def test_bf16_model_wrapped_in_float16module(work):
+    """A bf16 live model as training wraps it (Float16Module): generation runs through the wrapper,
+    returns float32 log-probs close to the fp32 model's, and agrees on the first greedy tokens."""
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_patch.generation import SamplingParams, generate
+    from megatron_patch.generation.loader import load_for_generation
+
+    lm32, _ = _model(work, "llama")
+    lm16 = load_for_generation(str(work / "llama_mg"), precision="bf16", log=lambda *a: None)
+    wrapped = Float16Module(lm16.model.config, lm16.model)
+    wrapped.train()
+    prompts = _prompts(lm32.vocab_size, seed=8)
+    params = SamplingParams(max_new_tokens=4, greedy=True)
+    a = generate(wrapped, prompts, params, vocab_size=lm16.vocab_size)
+    b = generate(lm32.model, prompts, params, vocab_size=lm32.vocab_size)
+    assert wrapped.training and a.logprobs.dtype == torch.float32
+    assert next(lm16.model.parameters()).dtype == torch.bfloat16
+    assert [r[0] for r in a.tokens.tolist()] == [r[0] for r in b.tokens.tolist()]
+    torch.testing.assert_close(a.logprobs[:, 0], b.logprobs[:, 0], atol=0.1, rtol=0)
