@@ -60,6 +60,10 @@ class GenerationOutput:
         return ids, mask
 
 
+_REASONS = ("length", "stop_token", "stop")
+GPU_DONE_CHECK_EVERY = 8  # decode steps between "all rows done?" checks on a GPU (each one syncs)
+
+
 def unwrap(model):
     """The GPTModel inside DDP / Float16Module wrappers."""
     while hasattr(model, "module") and not hasattr(model, "set_input_tensor"):
@@ -228,10 +232,10 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
         if params.return_logprobs else None
     n_gen = torch.zeros(b, dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
-    reasons = ["length"] * b
+    reason = torch.zeros(b, dtype=torch.long, device=device)  # index into _REASONS
     if max_new == 0:
         return GenerationOutput(out_tokens.cpu(), n_gen.cpu(), out_logp.cpu() if out_logp is not
-                                None else None, lens_t.cpu(), reasons)
+                                None else None, lens_t.cpu(), ["length"] * b)
     stop_ids = torch.tensor(sorted(set(int(t) for t in params.stop_token_ids)), dtype=torch.long,
                             device=device)
     gen = make_generator(params.seed, device) if par.last and not params.is_greedy else None
@@ -239,6 +243,9 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
     ctx = _context(b, total, inference_context)
     forward = _Forward(model, ctx, par, vocab_size)
     rows = torch.arange(b, device=device)
+    # the loop never waits for the device except to ask "all rows done?", which on a GPU is asked
+    # every few steps only (finished rows just stop changing, the extra steps cost nothing else)
+    check_every = 1 if device.type == "cpu" else GPU_DONE_CHECK_EVERY
     with inference_mode(model):
         logits = forward(tokens[:, :min_len], positions[:, :min_len])  # [b, V] at min_len - 1
         ctx.enable_decode_mode()
@@ -263,27 +270,29 @@ def generate(model, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
                 lp = torch.log_softmax(logits, dim=-1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
                 out_logp[rows, slot] = torch.where(active, lp, out_logp[rows, slot])
             if seen is not None:
-                seen[rows[active], nxt[active]] = True
+                col = nxt.unsqueeze(-1)  # [b, 1]
+                seen.scatter_(1, col, seen.gather(1, col) | active.unsqueeze(-1))
             n_gen += active.long()
             finished = active & (n_gen >= max_new)
             if stop_ids.numel():
                 hit = active & torch.isin(nxt, stop_ids)
-                for i in hit.nonzero().flatten().tolist():
-                    reasons[i] = "stop_token"
+                reason = torch.where(hit, 1, reason)
                 finished |= hit
             if stop_fn is not None:
                 for i in (active & ~finished).nonzero().flatten().tolist():
                     if stop_fn(i, out_tokens[i, : int(n_gen[i])].tolist()):
-                        reasons[i] = "stop"
+                        reason[i] = 2
                         finished[i] = True
             done |= finished
-            if t == total - 1 or bool(done.all()):
+            if t == total - 1 or ((t - min_len) % check_every == check_every - 1
+                                  and bool(done.all())):
                 break
             logits = forward(tokens[:, t:t + 1], positions[:, t:t + 1])
     if out_logp is not None and par.pp > 1:
         par.broadcast(out_logp)
     return GenerationOutput(out_tokens.cpu(), n_gen.cpu(),
-                            out_logp.cpu() if out_logp is not None else None, lens_t.cpu(), reasons)
+                            out_logp.cpu() if out_logp is not None else None, lens_t.cpu(),
+                            [_REASONS[c] for c in reason.tolist()])
 
 
 def forward_logprobs(model, sequences: torch.Tensor, vocab_size: Optional[int] = None
