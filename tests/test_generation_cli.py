@@ -205,3 +205,37 @@ def test_chat_and_stop_strings_in_process(ckpt, reference, tmp_path):
         cli.run(cli.build_parser().parse_args(["--checkpoint", ckpt, "--seq-length", "8",
                                                "--out-seq-length", "8", "--input-file", str(inp),
                                                "--output-file", str(tmp_path / "x")]), log=quiet)
+
+
+def test_input_parsing_bos_and_truncation_units(tmp_path):
+    from megatron_patch.generation import cli
+
+    p = tmp_path / "q.txt"  # jsonl detected from content; CRLF; blank line kept
+    p.write_bytes(b'{"query": "a", "k": 1}\r\n\r\n{"query": "b"}\r\n')
+    texts, objs = cli.read_prompts(str(p))
+    assert texts == ["a", "", "b"] and objs[0] == {"query": "a", "k": 1} and objs[1] == {"query": ""}
+    p.write_text('{"query": "a"}\nnot json\n')
+    with pytest.raises(cli.InputError, match=":2: not a JSON object"):
+        cli.read_prompts(str(p))
+    p.write_text("{not a query}\nplain\n")  # looks like JSON but is not: text mode
+    assert cli.read_prompts(str(p)) == (["{not a query}", "plain"], None)
+    assert cli.escape_line("a\nb\\n\r") == "a\\nb\\\\n\\r"
+
+    class Tok:
+        bos, eod, eos = 1, 2, 2
+        family = "sentencepiece"
+
+        def tokenize(self, t):
+            return [ord(c) for c in t]
+
+    msgs = []
+    ids = cli.encode_prompts(Tok(), ["abcdef", "", "xy"], chat=False, add_bos=True, max_prompt=4,
+                             warn=msgs.append)
+    # "abcdef" + BOS is 7 tokens: the last 4 are kept (BOS and "ab" are cut)
+    assert ids == [[99, 100, 101, 102], [], [1, 120, 121]]
+    assert len(msgs) == 1 and "prompt 1 has 7 tokens" in msgs[0]
+    assert cli.wants_bos(Tok(), "auto") and not cli.wants_bos(Tok(), "no")
+    Tok.family = "gpt2bpe"
+    assert not cli.wants_bos(Tok(), "auto") and cli.wants_bos(Tok(), "yes")
+    assert cli.cut_at_stop("hello ### world ##", ["##", "###"]) == ("hello ", True)
+    assert cli.stop_token_ids(Tok(), chat=False) == [2]
