@@ -231,8 +231,8 @@ def test_input_parsing_bos_and_truncation_units(tmp_path):
     msgs = []
     ids = cli.encode_prompts(Tok(), ["abcdef", "", "xy"], chat=False, add_bos=True, max_prompt=4,
                              warn=msgs.append)
-    # "abcdef" + BOS is 7 tokens: the last 4 are kept (BOS and "ab" are cut)
-    assert ids == [[99, 100, 101, 102], [], [1, 120, 121]]
+    # BOS + "abcdef" is 7 tokens: BOS and the last 3 are kept
+    assert ids == [[1, 100, 101, 102], [], [1, 120, 121]]
     assert len(msgs) == 1 and "prompt 1 has 7 tokens" in msgs[0]
     assert cli.wants_bos(Tok(), "auto") and not cli.wants_bos(Tok(), "no")
     Tok.family = "gpt2bpe"

@@ -142,7 +142,8 @@ def wants_bos(tokenizer, mode: str) -> bool:
 
 def encode_prompts(tokenizer, texts: Sequence[str], *, chat: bool, add_bos: bool, max_prompt: int,
                    warn=print) -> List[List[int]]:
-    """Token ids per prompt ([] for an empty prompt), cut from the left to ``max_prompt``."""
+    """Token ids per prompt ([] for an empty prompt), cut from the left to ``max_prompt`` tokens
+    (BOS, when added, is kept in front)."""
     out = []
     for i, t in enumerate(texts):
         if not t.strip():
@@ -152,13 +153,13 @@ def encode_prompts(tokenizer, texts: Sequence[str], *, chat: bool, add_bos: bool
             t = tokenizer.apply_chat_template([{"role": "user", "content": t}],
                                               add_generation_prompt=True)
         ids = list(tokenizer.tokenize(t))
-        if add_bos and (not ids or ids[0] != tokenizer.bos):
-            ids = [tokenizer.bos] + ids
-        if len(ids) > max_prompt:
-            warn(f"warning: prompt {i + 1} has {len(ids)} tokens, more than {max_prompt}: "
-                 f"keeping its last {max_prompt}")
-            ids = ids[-max_prompt:]
-        out.append(ids)
+        bos = [tokenizer.bos] if add_bos and (not ids or ids[0] != tokenizer.bos) else []
+        room = max_prompt - len(bos)  # BOS stays in front of a cut prompt
+        if len(ids) > room:
+            warn(f"warning: prompt {i + 1} has {len(bos) + len(ids)} tokens, more than "
+                 f"{max_prompt}: keeping its last {room}" + (" after BOS" if bos else ""))
+            ids = ids[-room:]
+        out.append(bos + ids)
     return out
 
 
