@@ -2,9 +2,9 @@
 (``StaticInferenceContext``), at any TP x PP, on a live model (no checkpoint round trip).
 
 How a batch of prompts of different lengths is run (megatron's own static-batching scheme):
-- prompts are right-aligned nowhere: every row keeps its tokens at their true positions 0..n-1, the
-  batch is right-padded, and the prefill runs over the shortest prompt's length only (causal
-  attention, no padding mask needed);
+- no left padding: every row keeps its tokens at their true positions 0..n-1, the batch is
+  right-padded, and the prefill runs over the shortest prompt's length only (causal attention, no
+  padding mask needed);
 - the decode loop then feeds one position per step for the whole batch; a row whose prompt is longer
   than the current position is fed its own next prompt token (and what was sampled for it is thrown
   away), the others get the sampled token. So every row sees exactly the computation of its unpadded
@@ -65,13 +65,10 @@ GPU_DONE_CHECK_EVERY = 8  # decode steps between "all rows done?" checks on a GP
 
 
 def unwrap(model):
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(model, "module") and not hasattr(model, "set_input_tensor"):
+    """The GPTModel inside DDP / Float16Module wrappers (forward still goes through the wrappers)."""
+    while hasattr(model, "module"):
         model = model.module
-    inner = model
-    while hasattr(inner, "module"):
-        inner = inner.module
-    return inner
+    return model
 
 
 # module attributes megatron-core caches from config.sequence_parallel at construction
