@@ -28,8 +28,9 @@ mp_text_generation() {
   TOP_P                0 = off
   TEMPERATURE          0 = greedy
   REPETITION_PENALTY   1.0 = off
-environment: PP (pipeline stages, default 1), NPROC_PER_NODE (default TP x PP: more runs data-parallel
-  replicas), EXTRA_ARGS (e.g. '--chat --stop ###' --seed N --flash --precision bf16)"
+environment: PP (pipeline stages, default 1), NPROC_PER_NODE (default: all GPUs, or TP x PP CPU
+  processes; a multiple of TP x PP runs data-parallel replicas), EXTRA_ARGS (e.g. '--chat --stop ###'
+  --seed N --flash --precision bf16)"
   mp_usage_check 17 "$#" "$usage" "${1:-}"
 
   ENV=$1; MEGATRON_PATH=$2; MEGATRON_PATCH_PATH=$3; TOKENIZER=$4; CHECKPOINT_PATH=$5
@@ -38,7 +39,8 @@ environment: PP (pipeline stages, default 1), NPROC_PER_NODE (default TP x PP: m
   PP=${PP:-1}
 
   mp_paths "$MEGATRON_PATH" "$MEGATRON_PATCH_PATH"
-  export NPROC_PER_NODE=${NPROC_PER_NODE:-$((TP * PP))}
+  # processes per node: all local GPUs (data-parallel replicas of TP x PP ranks), or TP x PP CPU
+  # processes on a machine without GPUs; NPROC_PER_NODE overrides both
   mp_launcher "$ENV" $((TP * PP))
   local out_dir
   out_dir=$(dirname -- "$OUTPUT_FILE")
