@@ -34,10 +34,10 @@ def work(tmp_path_factory):
 _MODELS = {}
 
 
-def _model(work, case):
-    """(LoadedModel, HF model) for a conversion case, built once per module."""
-    if case in _MODELS:
-        return _MODELS[case]
+def _model(work, case, flash=False):
+    """(LoadedModel, HF model) for a conversion case, built once per module (and attention kind)."""
+    if (case, flash) in _MODELS:
+        return _MODELS[(case, flash)]
     import transformers as T
 
     import megatron_patch  # noqa: F401
@@ -46,13 +46,14 @@ def _model(work, case):
 
     cfg, opts = CASES[case]
     hf_dir, mg_dir = str(work / f"{case}_hf"), str(work / f"{case}_mg")
-    build_hf(cfg, hf_dir)
-    hf_to_megatron(hf_dir, mg_dir, tp=1, log=lambda *a: None)
-    lm = load_for_generation(mg_dir, log=lambda *a: None)
+    if not os.path.isdir(mg_dir):
+        build_hf(cfg, hf_dir)
+        hf_to_megatron(hf_dir, mg_dir, tp=1, log=lambda *a: None)
+    lm = load_for_generation(mg_dir, flash=flash, log=lambda *a: None)
     hf = T.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
                                                 attn_implementation=opts.get("attn", "eager")).eval()
     hf.generation_config.eos_token_id = None  # run the full length, as generate() without stops
-    _MODELS[case] = (lm, hf)
+    _MODELS[(case, flash)] = (lm, hf)
     return lm, hf
 
 
@@ -63,11 +64,13 @@ def _hf_greedy(hf, prompt, new=NEW, **kw):
     return out[0, len(prompt):].tolist()
 
 
+@pytest.mark.parametrize("flash", [False, True], ids=["local", "flash"])
 @pytest.mark.parametrize("case", FAMILIES)
-def test_greedy_equals_transformers_mixed_lengths(work, case):
+def test_greedy_equals_transformers_mixed_lengths(work, case, flash):
+    """flash: the SDPA core attention where the family allows it (the CLI's default)."""
     from megatron_patch.generation import SamplingParams, generate
 
-    lm, hf = _model(work, case)
+    lm, hf = _model(work, case, flash)
     prompts = _prompts(lm.vocab_size)
     out = generate(lm.model, prompts, SamplingParams(max_new_tokens=NEW, greedy=True),
                    vocab_size=lm.vocab_size)

@@ -30,7 +30,7 @@ mp_text_generation() {
   REPETITION_PENALTY   1.0 = off
 environment: PP (pipeline stages, default 1), NPROC_PER_NODE (default: all GPUs, or TP x PP CPU
   processes; a multiple of TP x PP runs data-parallel replicas), EXTRA_ARGS (e.g. '--chat --stop ###'
-  --seed N --flash --precision bf16)"
+  --seed N --no-flash --precision bf16)"
   mp_usage_check 17 "$#" "$usage" "${1:-}"
 
   ENV=$1; MEGATRON_PATH=$2; MEGATRON_PATCH_PATH=$3; TOKENIZER=$4; CHECKPOINT_PATH=$5

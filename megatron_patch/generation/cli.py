@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepend BOS to prompts (auto: when the tokenizer would add it)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: fp32 on CPU, the checkpoint's dtype on GPU")
-    p.add_argument("--flash", action="store_true",
-                   help="torch scaled_dot_product_attention core attention (faster)")
+    p.add_argument("--flash", action=argparse.BooleanOptionalAction, default=True,
+                   help="PyTorch scaled_dot_product_attention core attention where the family "
+                        "allows it (default; ALiBi and sliding-window families keep their own)")
     return p
 
 
