@@ -3,8 +3,8 @@
 ``load_for_generation(ckpt, tp=, pp=)`` reads ``megatron_patch.json`` / ``config.json`` (the family and
 the architecture: ``model_size='auto'``, or a size preset of the family), initialises the model
 parallel state, builds this rank's ``GPTModel`` stage and loads its rank file. A checkpoint saved at
-another TP/PP is resharded once by the conversion engine into a temporary folder beside nothing
-(``tempfile``), which is removed when the process exits.
+another TP/PP is resharded once (by rank 0, with the conversion engine) into a temporary folder that
+is removed when the process exits.
 
 ``load_tokenizer(spec, ckpt)``: ``spec`` is a tokenizer folder / ``.model`` file / ``TOKENIZER_PATH``
 key, or ``-`` / ``none`` / empty for the tokenizer files stored in the checkpoint folder.

@@ -18,7 +18,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 import megatron_patch  # noqa: E402,F401
-import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 
@@ -38,7 +37,7 @@ def sp_model(lm, ckpt):
     """The TP=2 model rebuilt with sequence_parallel=True and loaded from the same rank file."""
     from megatron.core import parallel_state as ps
 
-    from megatron_patch.convert import layout, load
+    from megatron_patch.convert import load
     from megatron_patch.models.builder import arch_from_hf, build_gpt_model, transformer_config
 
     arch = arch_from_hf(lm.hf_config)
