@@ -90,3 +90,39 @@ def test_layouts_that_do_not_divide_are_refused():
     llama = get_family("llama").config_table.to_megatron(get_family("llama").preset("7B"))
     with pytest.raises(ConversionError, match="without experts"):
         check_layout(llama, 1, 1, 2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gpu_config_flags_keep_the_logits(family, monkeypatch):
+    """The kernel-fusion flags a GPU run gets (bias+activation, bias+dropout+add) must be ones the
+    family's MLP supports and must not change its arithmetic: built here on the CPU, the model with
+    the GPU flags gives the logits of the model with the CPU flags (same weights)."""
+    import torch
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    import megatron_patch  # noqa: F401
+    from megatron_patch import platform
+    from megatron_patch.models import builder
+    from megatron_patch.models.registry import get_family
+
+    platform.init_process_group()
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(1, 1)
+    arch = builder.arch_from_hf(get_family(family).preset("tiny"))
+    cpu_cfg = builder.transformer_config(arch)
+    monkeypatch.setattr(builder.platform, "use_cuda", lambda: True)
+    gpu_cfg = builder.transformer_config(arch)
+    monkeypatch.undo()
+    assert gpu_cfg.bias_dropout_fusion and not cpu_cfg.bias_activation_fusion
+    out = []
+    for cfg in (cpu_cfg, gpu_cfg):
+        model_parallel_cuda_manual_seed(3)
+        torch.manual_seed(3)
+        model = builder.build_gpt_model(arch, cfg, use_te=False).eval()
+        ids = torch.arange(1, 17).view(1, 16) % model.vocab_size
+        pos = torch.arange(16).view(1, 16)
+        with torch.no_grad():
+            out.append(model(ids, pos, attention_mask=None))
+    torch.testing.assert_close(out[1], out[0], rtol=1e-6, atol=1e-6)

@@ -92,6 +92,13 @@ def test_parallel_equals_tp1_slow(init_ckpt, reference, name, nproc, flags):
                   "--pretrained-checkpoint", init4)
         got = run(tmp, name, nproc, "--train-iters", "5", "--pretrained-checkpoint", init4, *flags)
         assert_same(got, ref)
+        # the same weights in a legacy checkpoint without virtual stages: regrouped by layer number
+        legacy4 = os.path.join(tmp, "init4_legacy")
+        launch_local(COMMON + ["--train-iters", "0", "--num-layers", "4", "--save", legacy4,
+                               "--ckpt-format", "legacy"], 1)
+        got = run(tmp, "vpp_legacy", nproc, "--train-iters", "5", "--pretrained-checkpoint", legacy4,
+                  *flags)
+        assert_same(got, ref)
         return
     got = run(tmp, name, nproc, "--train-iters", "5", "--pretrained-checkpoint", init, *flags)
     assert_same(got, reference)

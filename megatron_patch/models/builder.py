@@ -79,7 +79,9 @@ def transformer_config(arch: MegatronArch, *, tp: int = 1, pp: int = 1, vpp: Opt
         moe_grouped_gemm=False,
         bias_dropout_fusion=cuda,
         masked_softmax_fusion=cuda and have_te(),  # the fused softmax kernels come with TE/Apex
-        bias_activation_fusion=cuda and not kw.get("gated_linear_unit", False),
+        # only the SwiGLU kernel is exact: Megatron's fused GELU is the tanh approximation (it
+        # changes Bloom's/Falcon's/Galactica's logits) and other activations raise in MLP.forward
+        bias_activation_fusion=cuda and _is_swiglu(kw),
         # gloo matches p2p messages per peer in posting order: batched p2p swaps them under VPP
         batch_p2p_comm=not (vpp and not cuda),
         deallocate_pipeline_outputs=True,
@@ -94,6 +96,11 @@ def transformer_config(arch: MegatronArch, *, tp: int = 1, pp: int = 1, vpp: Opt
         kw.setdefault("moe_token_dispatcher_type", "alltoall" if cuda else "allgather")
     kw.update(overrides)
     return TransformerConfig(**kw)
+
+
+def _is_swiglu(kw) -> bool:
+    import torch.nn.functional as F
+    return bool(kw.get("gated_linear_unit")) and kw.get("activation_func", F.gelu) is F.silu
 
 
 def build_gpt_model(arch: MegatronArch, config: TransformerConfig, *, pre_process: Optional[bool] = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import random
 import shutil
 from typing import List, Optional
@@ -250,6 +251,58 @@ def _prime(opt) -> None:
     inner.zero_grad()
 
 
+def _legacy_pp_size(d: str, tp_rank: int) -> Optional[int]:
+    """How many pipeline stages the legacy checkpoint in ``d`` has for ``tp_rank`` (None: none)."""
+    if os.path.isfile(os.path.join(d, layout.rank_dirname(tp_rank, 0, 1), "model_optim_rng.pt")):
+        return 1
+    n = 0
+    while os.path.isfile(os.path.join(d, layout.rank_dirname(tp_rank, n, 2), "model_optim_rng.pt")):
+        n += 1
+    return n or None
+
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+
+
+def _legacy_global_state(d: str, tp_rank: int, pp: int):
+    """Every layer of one tensor-parallel rank keyed by global layer index, plus the other weights.
+    Stage ``r``'s chunk ``c`` of ``v`` holds global layers ``(c * pp + r) * n ...``, megatron-core's
+    interleaved order (v = 1: stage after stage)."""
+    layers, rest = {}, {}
+    for r in range(pp):
+        sd = layout.safe_load(os.path.join(d, layout.rank_dirname(tp_rank, r, pp), "model_optim_rng.pt"))
+        keys = ["model"] if "model" in sd else sorted(
+            (k for k in sd if re.fullmatch(r"model\d+", k)), key=lambda k: int(k[5:]))
+        for c, key in enumerate(keys):
+            local = {}
+            for name, t in sd[key].items():
+                m = _LAYER.match(name)
+                if m:
+                    local.setdefault(int(m.group(1)), {})[m.group(2)] = t
+                else:
+                    rest.setdefault(name, t)
+            n = len(local)
+            for i, params in local.items():
+                layers[(c * pp + r) * n + i] = params
+    return layers, rest
+
+
+def _chunk_state(gpt, layers: dict, rest: dict) -> dict:
+    """The state dict of one model chunk, its layers taken by their global ``layer_number``."""
+    sd = {}
+    for name in gpt.state_dict():
+        m = _LAYER.match(name)
+        if m:
+            g = gpt.decoder.layers[int(m.group(1))].layer_number - 1
+            if g in layers and m.group(2) in layers[g]:
+                sd[name] = layers[g][m.group(2)]
+        elif name in rest:
+            sd[name] = rest[name]
+        elif name == "output_layer.weight" and "embedding.word_embeddings.weight" in rest:
+            sd[name] = rest["embedding.word_embeddings.weight"]  # tied: the last stage's copy
+    return sd
+
+
 def load_weights_only(path: str, model: List[torch.nn.Module]) -> None:
     """Load the model weights of ``path``'s latest (or release) checkpoint; nothing else."""
     iteration = layout.read_tracker(path)
@@ -257,18 +310,25 @@ def load_weights_only(path: str, model: List[torch.nn.Module]) -> None:
     d = os.path.join(path, layout.iter_dirname(iteration))
     tp_rank, pp_rank, pp_size, _ = _rank_coords()
     if fmt == "legacy":
+        ckpt_pp = _legacy_pp_size(d, tp_rank)
         f = os.path.join(d, layout.rank_dirname(tp_rank, pp_rank, pp_size), "model_optim_rng.pt")
-        if not os.path.isfile(f):
+        if ckpt_pp is None:
             meta = layout.read_meta(path)
             raise CheckpointError(
                 f"{f} is missing: {path} was written for TP={meta.get('tensor_model_parallel_size', '?')} "
                 f"PP={meta.get('pipeline_model_parallel_size', '?')}, this run uses "
                 f"TP={parallel_state.get_tensor_model_parallel_world_size()} PP={pp_size}; "
-                "convert it to this layout first")
-        sd = layout.safe_load(f)
-        for i, chunk in enumerate(model):
-            key = _model_key(i, len(model))
-            _load_model_state(chunk, sd[key] if key in sd else sd["model"])
+                "convert it to this tensor-parallel size first")
+        if ckpt_pp == pp_size:
+            sd = layout.safe_load(f)
+            if all(_model_key(i, len(model)) in sd for i in range(len(model))):
+                for i, chunk in enumerate(model):
+                    _load_model_state(chunk, sd[_model_key(i, len(model))])
+                return
+        # another pipeline layout (PP size or virtual stages): regroup by global layer number
+        layers, rest = _legacy_global_state(d, tp_rank, ckpt_pp)
+        for chunk in model:
+            _load_model_state(chunk, _chunk_state(unwrap(chunk), layers, rest))
     else:
         sharded = {_model_key(i, len(model)): unwrap(c).sharded_state_dict()
                    for i, c in enumerate(model)}

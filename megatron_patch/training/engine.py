@@ -443,9 +443,8 @@ def copy_tokenizer_files(src: str, dst: str) -> None:
 
 def print_banner(args, arch, model) -> None:
     n = sum(p.numel() for m in model for p in m.parameters())
-    total = torch.tensor([n], dtype=torch.long)
-    if parallel_state.get_data_parallel_rank() == 0:
-        pass
+    # NCCL reduces device tensors only; gloo takes CPU ones (platform.current_device is either).
+    total = torch.tensor([n], dtype=torch.long, device=platform.current_device())
     dist.all_reduce(total)
     total = total.item() // parallel_state.get_data_parallel_world_size()
     print_rank_last(
