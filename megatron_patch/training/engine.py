@@ -43,7 +43,9 @@ from megatron_patch.training.logging import MetricsLogger, print_rank_last
 
 
 def initialize(args) -> None:
-    """torch.distributed + megatron parallel state + seeds (Megatron-LM's seeding rule)."""
+    """torch.distributed + megatron parallel state + seeds (Megatron-LM's seeding rule). Call it after
+    ``resolve_arch``, which turns --num-layers-per-virtual-pipeline-stage into the number of virtual
+    stages that the parallel state must know before any model chunk is built."""
     platform.init_process_group()
     world = dist.get_world_size()
     from megatron_patch.training.arguments import validate
@@ -147,6 +149,9 @@ def build_model(args, arch: MegatronArch, config, vocab_size: int,
     elif args.transformer_impl == "transformer_engine":
         use_te = True
     vpp = args.virtual_pipeline_model_parallel_size
+    if vpp != parallel_state.get_virtual_pipeline_model_parallel_world_size():
+        raise RuntimeError("the parallel state does not know the virtual pipeline size: call "
+                           "engine.initialize after engine.resolve_arch")
     builder = model_builder or build_gpt_model
     chunks = []
     for vp_stage in (range(vpp) if vpp else [None]):

@@ -67,8 +67,8 @@ def main(argv: Optional[list] = None) -> int:
     parser = build_parser("megatron_patch continued pretraining")
     args = parser.parse_args(argv)
     try:
+        arch = engine.resolve_arch(args)  # first: it resolves the virtual pipeline size
         engine.initialize(args)
-        arch = engine.resolve_arch(args)
         tokenizer, original_vocab = load_tokenizer(args, arch)
         vocab = padded_vocab(max(original_vocab, 1), args.make_vocab_size_divisible_by,
                              args.tensor_model_parallel_size)

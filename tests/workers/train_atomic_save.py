@@ -16,8 +16,8 @@ def main(out_path, root):
     args = build_parser().parse_args([
         "--mock-data", "--vocab-size", "256", "--seq-length", "32", "--micro-batch-size", "1",
         "--global-batch-size", "2", "--train-iters", "4", "--lr", "1e-3", "--save", root])
+    arch = engine.resolve_arch(args)  # first: it resolves the virtual pipeline size
     engine.initialize(args)
-    arch = engine.resolve_arch(args)
     config = engine.build_config(args, arch)
     model = engine.build_model(args, arch, config, 256)
     opt, sched = engine.build_optimizer(args, model)
