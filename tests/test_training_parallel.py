@@ -2,8 +2,8 @@
 
 Every run starts from the same initial weights (a TP=1 ``torch_dist`` checkpoint, resharded on load),
 trains a tiny LLaMA for 5 fp32 iterations on mock data, and its per-iteration losses are compared to
-the TP=1 run: TP=2, PP=2, DP=2 with the distributed optimizer (default run), TP=2 x PP=2 and
-interleaved PP (slow). Then: SIGKILL after a checkpoint + rerun reproduces the uninterrupted losses
+the TP=1 run: TP=2, PP=2, DP=2 with the distributed optimizer, TP=2 x PP=2 (4 processes),
+interleaved PP and sequence parallel. Then: SIGKILL after a checkpoint + rerun reproduces the uninterrupted losses
 bit for bit, and a TP=2 torch_dist checkpoint resumes at TP=1 with the same losses.
 """
 import json
@@ -75,14 +75,13 @@ def test_parallel_equals_tp1(init_ckpt, reference, name, nproc, flags):
     assert_same(got, reference)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name,nproc,flags", [
     ("tp2pp2", 4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
     ("vpp", 2, ["--pipeline-model-parallel-size", "2", "--num-layers", "4",
                 "--num-layers-per-virtual-pipeline-stage", "1"]),
     ("tp2_sp", 2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
 ])
-def test_parallel_equals_tp1_slow(init_ckpt, reference, name, nproc, flags):
+def test_parallel_equals_tp1_more(init_ckpt, reference, name, nproc, flags):
     tmp, init = init_ckpt
     if name == "vpp":  # a 4-layer model: its own TP=1 reference from its own initial weights
         init4 = os.path.join(tmp, "init4")

@@ -113,13 +113,13 @@ def apply_all() -> None:
 
 
 def table() -> str:
-    rows = [("name", "target", "when", "status", "reason")]
+    rows = [("name", "target", "when", "checked on", "status", "reason")]
     for p in REGISTRY:
-        rows.append((p.name, p.target, p.when, p.status, p.reason))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        rows.append((p.name, p.target, p.when, ",".join(p.versions), p.status, p.reason))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     out = []
     for r in rows:
-        out.append("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4])
+        out.append("  ".join(r[i].ljust(widths[i]) for i in range(5)) + "  " + r[5])
     return "\n".join(out)
 
 
