@@ -95,13 +95,14 @@ def collate(samples: List[dict]) -> dict:
 
 
 def data_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int,
-                  dp_size: int, cyclic: bool = False) -> Iterator[dict]:
+                  dp_size: int, cyclic: bool = False, collate_fn=None) -> Iterator[dict]:
     """Yield collated micro-batches; ``cyclic`` restarts from the beginning (validation)."""
+    collate_fn = collate_fn or collate
     while True:
         sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size,
                                      dp_rank, dp_size)
         for idx in sampler:
-            yield collate([dataset[i] for i in idx])
+            yield collate_fn([dataset[i] for i in idx])
         if not cyclic:
             return
         consumed_samples = 0

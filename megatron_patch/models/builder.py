@@ -107,8 +107,10 @@ def build_gpt_model(arch: MegatronArch, config: TransformerConfig, *, pre_proces
                     post_process: Optional[bool] = None, vp_stage: Optional[int] = None,
                     vocab_size: Optional[int] = None, max_sequence_length: Optional[int] = None,
                     use_te: Optional[bool] = None, flash: bool = False,
-                    parallel_output: bool = True) -> GPTModel:
-    """This rank's stage of the model. ``vocab_size`` is the padded size (defaults to the config's)."""
+                    parallel_output: bool = True, reward_head: bool = False,
+                    reward_head_bias: bool = False) -> GPTModel:
+    """This rank's stage of the model. ``vocab_size`` is the padded size (defaults to the config's).
+    ``reward_head``: a ``GPTRewardModel`` (scalar head instead of the LM head)."""
     fam = get_family(arch.family)
     if use_te is None:
         use_te = platform.use_cuda() and have_te()
@@ -124,7 +126,12 @@ def build_gpt_model(arch: MegatronArch, config: TransformerConfig, *, pre_proces
         final_norm = TENorm
     spec = block_spec(layer, config, vp_stage=vp_stage, **({"final_norm": final_norm} if final_norm else {}))
     m = dict(arch.model)
-    model = GPTModel(
+    cls, more = GPTModel, {}
+    if reward_head:
+        from megatron_patch.models.reward import GPTRewardModel
+
+        cls, more = GPTRewardModel, {"head_bias": reward_head_bias}
+    model = cls(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=vocab_size or m.pop("vocab_size"),
@@ -139,6 +146,7 @@ def build_gpt_model(arch: MegatronArch, config: TransformerConfig, *, pre_proces
         rope_scaling=m.get("rope_scaling", False),
         rope_scaling_factor=m.get("rope_scaling_factor", 8.0),
         vp_stage=vp_stage,
+        **more,
     )
     if fam.post_build is not None:
         fam.post_build(model, arch)

@@ -150,6 +150,19 @@ def parse_args(argv: Optional[List[str]] = None, parser: Optional[argparse.Argum
     return args
 
 
+def derive_schedule(args) -> None:
+    """Iterations from tokens when not given; warmup and decay iterations."""
+    if args.train_iters is None:
+        if args.train_tokens is None:
+            raise ArgumentError("give --train-iters or --train-tokens")
+        args.train_iters = max(1, args.train_tokens // (args.global_batch_size * args.seq_length))
+    if args.lr_warmup_tokens is not None:
+        args.lr_warmup_iters = args.lr_warmup_tokens // (args.global_batch_size * args.seq_length)
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    args.lr_warmup_iters = min(args.lr_warmup_iters, max(args.lr_decay_iters - 1, 0))
+
+
 def validate(args, world_size: int) -> None:
     """Derive data-parallel size, microbatch counts and iterations; raise ArgumentError on nonsense."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
@@ -172,19 +185,14 @@ def validate(args, world_size: int) -> None:
         args.recompute_granularity = "selective"
     if args.seq_length is None:
         raise ArgumentError("--seq-length is required")
-    if args.train_iters is None:
-        if args.train_tokens is None:
-            raise ArgumentError("give --train-iters or --train-tokens")
-        args.train_iters = max(1, args.train_tokens // (args.global_batch_size * args.seq_length))
-    if args.lr_warmup_tokens is not None:
-        args.lr_warmup_iters = args.lr_warmup_tokens // (args.global_batch_size * args.seq_length)
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
-    args.lr_warmup_iters = min(args.lr_warmup_iters, max(args.lr_decay_iters - 1, 0))
+    if not getattr(args, "epochs", None):  # epoch-based runs derive it from the data (finetune)
+        derive_schedule(args)
     if args.virtual_pipeline_model_parallel_size and pp == 1:
         raise ArgumentError("virtual pipeline stages need --pipeline-model-parallel-size > 1")
     if args.save_interval is not None and args.save_interval <= 0:
         raise ArgumentError("--save-interval must be positive")
+    if getattr(args, "task", None) is not None:  # fine-tuning reads json data, not .bin/.idx
+        return
     if args.data_path is None and not args.mock_data:
         raise ArgumentError("give --data-path PREFIX (or --mock-data)")
     if args.data_path:

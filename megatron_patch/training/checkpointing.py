@@ -167,10 +167,18 @@ def checkpoint_format(root: str, iteration: Optional[int]) -> str:
     raise CheckpointError(f"{layout.TRACKER} in {root} points at {d}, which does not exist")
 
 
-def _load_model_state(chunk, sd: dict, strict: bool = True) -> None:
+# A reward/value model started from a language model: its value head is new, the LM head unused.
+HEAD_SWAP = {"missing": ("rm_head.",), "unexpected": ("output_layer.",)}
+
+
+def _load_model_state(chunk, sd: dict, strict: bool = True, tolerate: Optional[dict] = None
+                      ) -> None:
     missing, unexpected = unwrap(chunk).load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    unexpected = [k for k in unexpected if not k.endswith("_extra_state")]
+    tolerate = tolerate or {}
+    missing = [k for k in missing if not k.endswith("_extra_state")
+               and not k.startswith(tolerate.get("missing", ()))]
+    unexpected = [k for k in unexpected if not k.endswith("_extra_state")
+                  and not k.startswith(tolerate.get("unexpected", ()))]
     if strict and (missing or unexpected):
         raise CheckpointError(f"checkpoint does not fit the model: missing {missing[:8]}, "
                               f"unexpected {unexpected[:8]}")
@@ -303,8 +311,11 @@ def _chunk_state(gpt, layers: dict, rest: dict) -> dict:
     return sd
 
 
-def load_weights_only(path: str, model: List[torch.nn.Module]) -> None:
-    """Load the model weights of ``path``'s latest (or release) checkpoint; nothing else."""
+def load_weights_only(path: str, model: List[torch.nn.Module], tolerate: Optional[dict] = None
+                      ) -> None:
+    """Load the model weights of ``path``'s latest (or release) checkpoint; nothing else.
+    ``tolerate``: key prefixes that may be ``missing`` from the checkpoint or ``unexpected`` in it
+    (``HEAD_SWAP`` starts a reward model from a language model)."""
     iteration = layout.read_tracker(path)
     fmt = checkpoint_format(path, iteration)
     d = os.path.join(path, layout.iter_dirname(iteration))
@@ -323,15 +334,21 @@ def load_weights_only(path: str, model: List[torch.nn.Module]) -> None:
             sd = layout.safe_load(f)
             if all(_model_key(i, len(model)) in sd for i in range(len(model))):
                 for i, chunk in enumerate(model):
-                    _load_model_state(chunk, sd[_model_key(i, len(model))])
+                    _load_model_state(chunk, sd[_model_key(i, len(model))], tolerate=tolerate)
                 return
         # another pipeline layout (PP size or virtual stages): regroup by global layer number
         layers, rest = _legacy_global_state(d, tp_rank, ckpt_pp)
         for chunk in model:
-            _load_model_state(chunk, _chunk_state(unwrap(chunk), layers, rest))
+            _load_model_state(chunk, _chunk_state(unwrap(chunk), layers, rest), tolerate=tolerate)
     else:
         sharded = {_model_key(i, len(model)): unwrap(c).sharded_state_dict()
                    for i, c in enumerate(model)}
+        if tolerate and tolerate.get("missing"):  # ask only for what the checkpoint holds
+            have = set(dist_checkpointing.load_tensors_metadata(d))
+            for key, sd in sharded.items():
+                for name in [n for n in sd if n.startswith(tolerate["missing"])]:
+                    if getattr(sd[name], "key", name) not in have:
+                        del sd[name]
         loaded = dist_checkpointing.load(sharded, d)
         for i, chunk in enumerate(model):
-            _load_model_state(chunk, loaded[_model_key(i, len(model))])
+            _load_model_state(chunk, loaded[_model_key(i, len(model))], tolerate=tolerate)

@@ -283,6 +283,13 @@ def model_flops_per_iteration(arch: MegatronArch, seq: int, gbs: int, vocab: int
     return 3.0 * per_token * seq * gbs
 
 
+def schedule_shape(args) -> dict:
+    """The [seq, micro batch] of the activations pipeline stages exchange: fine-tuning rows may be
+    longer than --seq-length (--pad-len) and a reward sample holds several candidate rows."""
+    return {"seq_length": getattr(args, "pad_len", None) or args.seq_length,
+            "micro_batch_size": args.micro_batch_size * getattr(args, "rows_per_sample", 1)}
+
+
 def train(args, arch, model, optimizer, scheduler, config, train_iter: List[Iterator],
           valid_iter_factory: Optional[Callable[[], List[Iterator]]], forward_step_func,
           state: TrainState, save_meta: Callable[[], None], vocab_size: int,
@@ -309,8 +316,8 @@ def train(args, arch, model, optimizer, scheduler, config, train_iter: List[Iter
         losses = fb(forward_step_func=forward_step_func,
                     data_iterator=train_iter if len(train_iter) > 1 else train_iter[0],
                     model=model if len(model) > 1 else model[0],
-                    num_microbatches=args.num_microbatches, seq_length=args.seq_length,
-                    micro_batch_size=args.micro_batch_size, forward_only=False)
+                    num_microbatches=args.num_microbatches, **schedule_shape(args),
+                    forward_only=False)
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (logged as Megatron does)
         ok, grad_norm, _ = optimizer.step()
         if ok:
@@ -366,8 +373,8 @@ def evaluate(args, model, fb, valid_iter_factory, forward_step_func, eval_iters:
                 losses = fb(forward_step_func=forward_step_func,
                             data_iterator=iters if len(iters) > 1 else iters[0],
                             model=model if len(model) > 1 else model[0],
-                            num_microbatches=args.num_microbatches, seq_length=args.seq_length,
-                            micro_batch_size=args.micro_batch_size, forward_only=True)
+                            num_microbatches=args.num_microbatches, **schedule_shape(args),
+                            forward_only=True)
             except StopIteration:
                 break
             for x in losses:
@@ -387,7 +394,7 @@ def evaluate_and_log(args, model, fb, valid_iter_factory, forward_step_func, sta
     metrics = evaluate(args, model, fb, valid_iter_factory, forward_step_func, args.eval_iters)
     if extra_eval is not None:
         metrics.update(extra_eval(model) or {})
-    if loss_key in metrics:
+    if loss_key == "lm loss" and loss_key in metrics:
         metrics["ppl"] = math.exp(min(20.0, metrics[loss_key]))
     logger.log_valid(state.iteration, {k.replace(" ", "_"): v for k, v in metrics.items()})
     return metrics
