@@ -205,3 +205,19 @@ def test_reward_score_at_tp2_equals_transformers(ws):
     assert abs(ours["rm loss"] - loss) <= 1e-5 * abs(loss), (ours, loss)
     assert abs(ours["chosen_rejected_gap"] - diff.mean().item()) <= 1e-5 * diff.abs().mean().item()
     assert ours["accuracy"] == (diff > 0).double().mean().item()
+
+
+def test_sft_packing_trains_with_micro_batches(ws):
+    """--packing into 256-token rows (--pad-len) with micro batch 2 at TP=2."""
+    from megatron_patch.data.sft import SFTDataset
+    from megatron_patch.tokenizer import build_tokenizer
+
+    packed = SFTDataset([ws["sft_train"]], build_tokenizer("auto", ws["tok"]), int(SEQ),
+                        pad_len=256, packing=True)
+    assert len(packed) <= 128 / 3
+    got, valid = sft(ws, "packed", 2, "--packing", "--pad-len", "256", "--epochs", "3",
+                     "--micro-batch-size", "2", "--global-batch-size", "4",
+                     "--tensor-model-parallel-size", "2")
+    assert len(got) == 3 * (len(packed) // 4)
+    assert all(x > 1.0 for x in got)
+    assert valid[max(valid)]["valid_lm_loss"] < valid[min(valid)]["valid_lm_loss"]
