@@ -1,0 +1,1 @@
+"""RLHF: PPO / GRPO losses, advantages, rewards and KL control as pure torch functions."""
