@@ -11,7 +11,8 @@ pairs) with the real LLaMA sentencepiece tokenizer:
   equal to the run's own final validation; one TP=2 run (2 processes, sequence parallel,
   distributed optimizer);
 - the llama2 tutorial pair: SFT from that checkpoint, then the reward model from the SFT checkpoint
-  (new value head, ``reward_model: true``) under ``OUTPUT_DIR/step1_sft`` and ``step2_reward``;
+  (new value head, ``reward_model: true``) under ``OUTPUT_DIR/step1_sft`` and ``step2_reward``; the
+  evaluate script with ``TASK=reward`` reproduces the reward run's own validation;
 - ``bloom_sft.sh`` from scratch with a byte-level BPE trained here (``VOCAB_FILE`` alias).
 """
 import json
@@ -278,8 +279,19 @@ def test_llama2_tutorial_sft_then_reward(llama_run, data, tmp_path):
     assert meta["reward_model"] is True
     recs = _metrics(_only(tmp_path / "runs" / "step2_reward" / "log"))
     assert [r["iteration"] for r in recs if "rm_loss" in r] == list(range(1, 9))
-    assert [r for r in recs if "valid_accuracy" in r]
+    valid = [r for r in recs if "valid_accuracy" in r]
+    assert [r["iteration"] for r in valid] == [8]
     assert open(os.path.join(rm_ckpt, "latest_checkpointed_iteration.txt")).read().strip() == "8"
+
+    # the evaluate script with TASK=reward reproduces that validation (accuracy over the 32 pairs)
+    log = _ok(_run([_script("evaluate", "llama"), "dsw", "-", "-", "auto", "4", "64", "64", "0",
+                    "fp32", "1", "1", data["reward"], rm_ckpt, str(tmp_path / "eval")],
+                   env=_env(TASK="reward")))
+    assert "accuracy:" in log and "chosen_rejected_gap:" in log
+    result = json.load(open(_only(_only(tmp_path / "eval" / "log")) + "/evaluation.json"))
+    assert result["samples"] == 32
+    assert result["accuracy"] == pytest.approx(valid[0]["valid_accuracy"], abs=1e-9)
+    assert result["rm loss"] == pytest.approx(valid[0]["valid_rm_loss"], rel=1e-5)
 
 
 def test_bloom_sft_tutorial_with_trained_bpe(data, tmp_path):
