@@ -221,3 +221,25 @@ def test_sft_packing_trains_with_micro_batches(ws):
     assert len(got) == 3 * (len(packed) // 4)
     assert all(x > 1.0 for x in got)
     assert valid[max(valid)]["valid_lm_loss"] < valid[min(valid)]["valid_lm_loss"]
+
+
+def test_bad_finetune_input_is_one_line_error(ws):
+    from megatron_patch.launch import WorkerError
+
+    cases = [
+        # prompts longer than the rows: nothing would be trained
+        (["--task", "sft", "--train-data", ws["sft_train"], "--epochs", "1", "--seq-length", "6"],
+         "no sample keeps a response token"),
+        (["--task", "sft", "--train-data", ws["sft_train"], "--epochs", "1",
+          "--global-batch-size", "512"], "fewer than the global batch size 512"),
+        (["--task", "reward", "--packing", "--train-data", ws["rm_train"], "--epochs", "1"],
+         "--packing is for --task sft"),
+        (["--task", "sft", "--eval-only", "--valid-data", ws["sft_valid"]], "needs a checkpoint"),
+    ]
+    for flags, message in cases:
+        argv = ["-m", "megatron_patch.training.finetune", "--tokenizer-model", ws["tok"],
+                "--seq-length", SEQ, "--micro-batch-size", "1", *flags]
+        with pytest.raises(WorkerError) as e:
+            launch_local(argv, 1)
+        lines = [x for x in str(e.value).splitlines() if x.startswith("error:")]
+        assert len(lines) == 1 and message in lines[0], str(e.value)[-2000:]

@@ -145,10 +145,45 @@ def build_datasets(args, tokenizer):
     train = make(args.train_data)
     valid = make(args.valid_data) if args.valid_data else None
     for name, ds in (("train", train), ("valid", valid)):
-        if ds is not None and ds.bad:
+        if ds is None:
+            continue
+        if ds.bad:
             print_rank_last(f"warning: {name} data: {ds.bad.total} malformed records skipped "
                             f"({ds.bad.examples[:3]})")
+        if args.task == "sft":
+            empty = sum(all(x == sft_data.IGNORE_INDEX for x in labels)
+                        for _, labels in ds.samples)
+            if empty == len(ds.samples):
+                raise ArgumentError(
+                    f"{name} data: no sample keeps a response token within --seq-length "
+                    f"{args.seq_length} (the prompts fill it): raise SEQ_LEN")
+            if ds.truncated or empty:
+                print_rank_last(f"warning: {name} data: {ds.truncated} of {len(ds.samples)} "
+                                f"samples exceed --seq-length {args.seq_length} and were cut; "
+                                f"{empty} keep no response token")
     return train, valid
+
+
+class EvalPadded(torch.utils.data.Dataset):
+    """The validation set padded to ``length`` with zero-weight copies of its first sample (SFT:
+    no trained token; reward: equal scores, so no pair), so that one pass of whole global
+    batches evaluates every sample exactly once."""
+
+    def __init__(self, dataset, length: int):
+        self.dataset, self.length = dataset, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        if i < len(self.dataset):
+            return self.dataset[i]
+        s = dict(self.dataset[0])
+        if "scores" in s:
+            s["scores"] = torch.zeros_like(s["scores"])
+        else:
+            s["loss_mask"] = torch.zeros_like(s["loss_mask"])
+        return s
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -211,12 +246,11 @@ def main(argv: Optional[list] = None) -> int:
         derive_schedule(args)
         if args.eval_interval is None:
             args.eval_interval = iters_per_epoch
-        mbs_dp = args.micro_batch_size * args.data_parallel_size
+        if args.save and args.save_interval is None:
+            args.save_interval = iters_per_epoch
         if valid_ds is not None:
-            args.eval_iters = max(1, len(valid_ds) // gbs)
-            if len(valid_ds) < mbs_dp:
-                raise ArgumentError(f"the validation set has {len(valid_ds)} samples, fewer than "
-                                    f"micro batch x data parallel = {mbs_dp}")
+            args.eval_iters = math.ceil(len(valid_ds) / gbs)
+            valid_ds = EvalPadded(valid_ds, args.eval_iters * gbs)
 
         reward = args.task == "reward"
         config = engine.build_config(args, arch)
@@ -227,7 +261,8 @@ def main(argv: Optional[list] = None) -> int:
         engine.print_banner(args, arch, model)
         print_rank_last(f"> {args.task}: {len(train_ds)} training samples, {iters_per_epoch} "
                         f"iterations per epoch x {epochs} epochs = {args.train_iters} iterations; "
-                        f"{len(valid_ds) if valid_ds is not None else 0} validation samples")
+                        f"{len(valid_ds.dataset) if valid_ds is not None else 0} validation "
+                        "samples")
 
         state = engine.TrainState()
         if layout.has_checkpoint(args.load) and not args.finetune:
@@ -256,7 +291,7 @@ def main(argv: Optional[list] = None) -> int:
         valid_factory = None
         if valid_ds is not None:
             valid_factory = lambda: [data_iterator(valid_ds, 0, args.micro_batch_size, dp_rank,
-                                                   dp, cyclic=True, collate_fn=collate)
+                                                   dp, collate_fn=collate)
                                      for _ in range(chunks)]
 
         def save_meta():
@@ -277,7 +312,7 @@ def main(argv: Optional[list] = None) -> int:
                 os.makedirs(args.log_dir, exist_ok=True)
                 with open(os.path.join(args.log_dir, "evaluation.json"), "w") as f:
                     json.dump({"checkpoint": src, "data": args.valid_data,
-                               "samples": len(valid_ds), **metrics}, f, indent=1)
+                               "samples": len(valid_ds.dataset), **metrics}, f, indent=1)
             return 0
         engine.train(args, arch, model, optimizer, scheduler, config, train_iter, valid_factory,
                      step, state, save_meta, vocab, loss_key="rm loss" if reward else "lm loss")

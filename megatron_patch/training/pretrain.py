@@ -44,8 +44,8 @@ def load_tokenizer(args, arch):
     from megatron_patch.tokenizer import build_tokenizer, resolve_tokenizer_path
 
     path = None
-    if args.tokenizer_model:
-        path = resolve_tokenizer_path(args.tokenizer_model)
+    if args.tokenizer_model or args.vocab_file:
+        path = resolve_tokenizer_path(args.tokenizer_model or args.vocab_file)
     else:
         for root in (args.load, args.pretrained_checkpoint):
             if root and os.path.isdir(root) and any(
@@ -57,6 +57,7 @@ def load_tokenizer(args, arch):
         raise ArgumentError("no tokenizer: set TOKENIZER_PATH / --tokenizer-model, or start from a "
                             "checkpoint folder that carries tokenizer files")
     tok = build_tokenizer(args.tokenizer_type, path, extra_vocab_size=args.extra_vocab_size,
+                          vocab_file=args.vocab_file, merge_file=args.merge_file,
                           make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
                           tensor_model_parallel_size=args.tensor_model_parallel_size)
     original = getattr(tok, "original_vocab_size", tok.vocab_size)
