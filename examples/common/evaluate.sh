@@ -40,12 +40,7 @@ environment: TASK (sft: lm loss and perplexity | reward: accuracy and chosen-rej
     sft|reward) ;;
     *) echo "error: TASK must be sft or reward, got '$TASK'" >&2; exit 2 ;;
   esac
-  case "$PR" in
-    fp32) PR_ARGS=() ;;
-    fp16) PR_ARGS=(--fp16) ;;
-    bf16) PR_ARGS=(--bf16) ;;
-    *) echo "error: PR must be fp32, fp16 or bf16, got '$PR'" >&2; exit 2 ;;
-  esac
+  mp_precision "$PR"
 
   local nnodes=1
   [ "$ENV" = dlc ] && nnodes=${WORLD_SIZE:-1}

@@ -52,18 +52,8 @@ environment: TASK (sft | reward, default sft), TOKENIZER_PATH (HF tokenizer fold
     *) echo "error: TASK must be sft or reward, got '$TASK'" >&2; exit 2 ;;
   esac
   for v in DO FL SP PACKING; do mp_bool "$v" "${!v}"; done
-  case "$PR" in
-    fp32) PR_ARGS=() ;;
-    fp16) PR_ARGS=(--fp16) ;;
-    bf16) PR_ARGS=(--bf16) ;;
-    *) echo "error: PR must be fp32, fp16 or bf16, got '$PR'" >&2; exit 2 ;;
-  esac
-  case "$AC" in
-    sel) AC_ARGS=(--recompute-activations) ;;
-    full) AC_ARGS=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1) ;;
-    none) AC_ARGS=() ;;
-    *) echo "error: AC must be sel, full or none, got '$AC'" >&2; exit 2 ;;
-  esac
+  mp_precision "$PR"
+  mp_recompute "$AC"
 
   # nodes, before mp_launcher unsets DLC's WORLD_SIZE
   local nnodes=1

@@ -4,6 +4,8 @@
 # mp_paths MEGATRON_PATH MEGATRON_PATCH_PATH -> PYTHONPATH ('-' means the installed package)
 # mp_launcher ENV NPROC_CPU    -> sets LAUNCH (torchrun command) for dsw (one machine) or dlc
 #                                 (multi-node, from the variables DLC sets)
+# mp_bool NAME VALUE           -> exits 2 unless VALUE is true or false
+# mp_precision PR / mp_recompute AC -> PR_ARGS / AC_ARGS (the PR and AC arguments as flags)
 
 mp_usage_check() {
   local want="$1" got="$2" usage="$3" first="${4:-}"
@@ -65,5 +67,25 @@ mp_bool() {  # mp_bool NAME VALUE -> validates true/false
   case "$2" in
     true|false) ;;
     *) echo "error: $1 must be true or false, got '$2'" >&2; exit 2 ;;
+  esac
+}
+
+# mp_precision PR -> PR_ARGS (fp32 | fp16 | bf16)
+mp_precision() {
+  case "$1" in
+    fp32) PR_ARGS=() ;;
+    fp16) PR_ARGS=(--fp16) ;;
+    bf16) PR_ARGS=(--bf16) ;;
+    *) echo "error: PR must be fp32, fp16 or bf16, got '$1'" >&2; exit 2 ;;
+  esac
+}
+
+# mp_recompute AC -> AC_ARGS (sel | full | none)
+mp_recompute() {
+  case "$1" in
+    sel) AC_ARGS=(--recompute-activations) ;;
+    full) AC_ARGS=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1) ;;
+    none) AC_ARGS=() ;;
+    *) echo "error: AC must be sel, full or none, got '$1'" >&2; exit 2 ;;
   esac
 }

@@ -33,18 +33,8 @@ mp_paths "$MEGATRON_PATH" "$MEGATRON_PATCH_PATH"
 mp_launcher "$ENV" $((TP * PP))
 for v in DO FL SP; do mp_bool "$v" "${!v}"; done
 
-case "$PR" in
-  fp32) PR_ARGS=() ;;
-  fp16) PR_ARGS=(--fp16) ;;
-  bf16) PR_ARGS=(--bf16) ;;
-  *) echo "error: PR must be fp32, fp16 or bf16, got '$PR'" >&2; exit 2 ;;
-esac
-case "$AC" in
-  sel) AC_ARGS=(--recompute-activations) ;;
-  full) AC_ARGS=(--recompute-granularity full --recompute-method uniform --recompute-num-layers 1) ;;
-  none) AC_ARGS=() ;;
-  *) echo "error: AC must be sel, full or none, got '$AC'" >&2; exit 2 ;;
-esac
+mp_precision "$PR"
+mp_recompute "$AC"
 OPT_ARGS=()
 [ "$DO" = true ] && OPT_ARGS+=(--use-distributed-optimizer)
 [ "$FL" = true ] && OPT_ARGS+=(--use-flash-attn)
