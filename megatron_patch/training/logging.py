@@ -96,6 +96,19 @@ class MetricsLogger:
             for k, v in metrics.items():
                 self.tb.add_scalar(f"valid/{k}", v, iteration)
 
+    def log_episode(self, rec: dict, episodes: int) -> None:
+        """One RLHF episode: a line of its metrics, the jsonl record, TensorBoard ``rlhf/*``."""
+        if not self.active:
+            return
+        text = " | ".join(f"{k.replace('_', ' ')}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}"
+                          for k, v in rec.items() if k != "iteration")
+        print(f" episode {rec['iteration']:5d}/{episodes:5d} | {text} |", flush=True)
+        self._write(rec)
+        if self.tb:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iteration":
+                    self.tb.add_scalar(f"rlhf/{k}", v, rec["iteration"])
+
     def _write(self, rec: dict) -> None:
         if self.jsonl:
             self.jsonl.write(json.dumps(rec) + "\n")

@@ -1,0 +1,548 @@
+"""PPO and GRPO on megatron-core: the roles of RLHF colocated in one torchrun world.
+
+Roles (all megatron-core ``GPTModel`` stages with the same tensor/pipeline layout, in one process
+group; the inference twin of a trainable role is that role itself, so no weights are copied):
+
+- ``policy`` (trainable; generates through ``megatron_patch.generation`` between training steps),
+- ``reference`` (frozen copy of the starting policy: the KL anchor),
+- ``reward`` (frozen ``GPTRewardModel``: the score of the last response token) and/or a Python
+  ``reward_function`` (``module:function``, called as ``fn(prompts, responses, response_ids=...)``
+  and returning one float per sample),
+- ``value`` (trainable ``GPTRewardModel``; PPO only), started from the reward model, or from the
+  policy checkpoint with a new head.
+
+One episode: take ``sample_per_episode`` prompts (data-parallel ranks take disjoint shares),
+generate, score (old log-probs, reference log-probs, values, reward), form per-token rewards
+(KL penalty ``k1`` in the reward by default) and GAE advantages (whitened across data-parallel
+ranks), then ``num_training_epoch`` passes of mini-batches of ``train_global_batch_size`` samples
+through megatron-core's forward-backward function with the clipped surrogate (policy) and clipped
+value loss (value). GRPO: ``num_samples_per_prompt`` responses per prompt, group-normalised scores
+as advantages, no value model, k3 KL to the reference in the loss. Every log-prob (old, reference,
+new) comes from the same forward (the model's fused vocab-parallel cross entropy), so the first
+ratio of every episode is exactly 1.
+
+Tensors of an experience batch are in *action* layout: index ``t`` of a row scores the token at
+sequence position ``t + 1`` (the model's output at ``t`` predicts it); ``mask[b, t]`` is 1 for the
+response tokens up to and including EOS.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from functools import partial
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_patch import platform
+from megatron_patch.convert import layout
+from megatron_patch.generation import SamplingParams, generate
+from megatron_patch.models.builder import build_gpt_model, padded_vocab
+from megatron_patch.rlhf import losses as L
+from megatron_patch.training import checkpointing, engine
+from megatron_patch.training.arguments import ArgumentError, build_parser, validate
+from megatron_patch.training.finetune import add_finetune_args
+from megatron_patch.training.logging import MetricsLogger, print_rank_last
+from megatron_patch.training.pretrain import load_tokenizer
+
+
+@dataclasses.dataclass
+class PPOConfig:
+    algorithm: str = "ppo"  # ppo | grpo
+    num_episodes: int = 10
+    sample_per_episode: int = 32  # responses per episode, all data-parallel ranks together
+    generation_batch_size: int = 8  # prompts per generate call on one data-parallel rank
+    train_micro_batch_size: int = 4
+    train_global_batch_size: int = 8
+    num_training_epoch: int = 1
+    max_new_tokens: int = 16
+    max_prompt_length: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.0
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    init_kl_coef: float = 0.05
+    kl_target: Optional[float] = None  # adaptive KL controller when set
+    kl_horizon: int = 10000
+    kl_kind: str = "k1"
+    kl_divide_by_length: bool = False
+    clipped_value_only: bool = False
+    reward_scale: float = 1.0
+    reward_clip: Optional[float] = None
+    whiten_advantages: bool = True
+    num_samples_per_prompt: int = 4  # GRPO group size
+    reward_function: Optional[str] = None
+    save_episode_interval: int = 0
+    seed: int = 1234
+
+
+class Role:
+    def __init__(self, name: str, args, arch, model: List[torch.nn.Module], vocab: int,
+                 optimizer=None, scheduler=None):
+        self.name, self.args, self.arch, self.model, self.vocab = name, args, arch, model, vocab
+        self.optimizer, self.scheduler = optimizer, scheduler
+
+    @property
+    def trainable(self) -> bool:
+        return self.optimizer is not None
+
+
+# ------------------------------------------------------------------------------------ forward
+
+
+def _batches(exp: Dict[str, torch.Tensor], index: torch.Tensor, micro: int):
+    for i in range(0, len(index), micro):
+        idx = index[i:i + micro]
+        yield {k: v[idx] for k, v in exp.items()}
+
+
+def _token_logprobs(model, tokens, position_ids):
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) for t < s - 1, from the vocab-parallel cross entropy
+    (-loss); the last column (no next token) is 0. [b, s]."""
+    labels = torch.roll(tokens, -1, dims=1)
+    out = model(tokens, position_ids, None, labels=labels)  # [b, s] per-token loss (last stage)
+    return out
+
+
+def _run(role: Role, exp: Dict[str, torch.Tensor], index: torch.Tensor, forward_only: bool,
+         loss_fn: Callable, micro: int, seq: int) -> List[dict]:
+    """Micro-batches ``index`` of ``exp`` through megatron-core's forward-backward function."""
+    fb = get_forward_backward_func()
+    dev = platform.current_device()
+    n_micro = math.ceil(len(index) / micro)
+    batches = _batches(exp, index, micro)
+    reward_like = role.name in ("reward", "value")
+
+    def step(data_iterator, model):
+        batch = {k: v.to(dev) for k, v in next(data_iterator).items()}
+        if reward_like:
+            out = model(batch["tokens"], batch["position_ids"], None)  # [b, s] values
+        else:
+            out = _token_logprobs(model, batch["tokens"], batch["position_ids"])
+        return out, partial(loss_fn, batch)
+
+    iters = [batches] if len(role.model) == 1 else [_batches(exp, index, micro)
+                                                    for _ in role.model]
+    return fb(forward_step_func=step, data_iterator=iters[0] if len(iters) == 1 else iters,
+              model=role.model[0] if len(role.model) == 1 else role.model,
+              num_microbatches=n_micro, seq_length=seq, micro_batch_size=micro,
+              forward_only=forward_only)
+
+
+def collect(role: Role, exp, key_out: str, micro: int, seq: int, transform=None) -> None:
+    """exp[key_out] = the role's per-position output over the whole batch (last stage; zeros on
+    the others)."""
+    got = []
+
+    def keep(batch, out):
+        o = out.detach().float()
+        got.append(transform(o) if transform else o)
+        return out.sum() * 0, torch.tensor(1, dtype=torch.int, device=out.device), {}
+
+    for m in role.model:
+        m.eval()
+    with torch.no_grad():
+        _run(role, exp, torch.arange(exp["tokens"].shape[0]), True, keep, micro, seq)
+    for m in role.model:
+        m.train()
+    if got:
+        exp[key_out] = torch.cat(got).cpu()
+    else:
+        exp[key_out] = torch.zeros(exp["tokens"].shape, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------ trainer
+
+
+class RLHFTrainer:
+    def __init__(self, cfg: PPOConfig, policy_args, reward_args=None, value_args=None):
+        self.cfg = cfg
+        if cfg.algorithm not in ("ppo", "grpo"):
+            raise ArgumentError(f"algorithm must be ppo or grpo, got {cfg.algorithm!r}")
+        if reward_args is None and not cfg.reward_function:
+            raise ArgumentError("give a reward model or a reward_function (module:function)")
+        self.reward_fn = load_reward_function(cfg.reward_function) if cfg.reward_function else None
+        arch = engine.resolve_arch(policy_args)
+        engine.initialize(policy_args)
+        self.dp = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.tokenizer, original = load_tokenizer(policy_args, arch)
+        self.eos = self.tokenizer.eos
+        self.pad = self.tokenizer.pad
+        self.vocab_limit = original
+        self.padded_vocab = padded_vocab(original, policy_args.make_vocab_size_divisible_by,
+                                         policy_args.tensor_model_parallel_size)
+        per_rank = cfg.sample_per_episode // self.dp
+        if cfg.sample_per_episode % cfg.train_global_batch_size or \
+                cfg.train_global_batch_size % (cfg.train_micro_batch_size * self.dp):
+            raise ArgumentError("sample_per_episode must be a multiple of train_global_batch_size, "
+                                "itself a multiple of train_micro_batch_size x data parallel")
+        group = cfg.num_samples_per_prompt if cfg.algorithm == "grpo" else 1
+        if per_rank % group:
+            raise ArgumentError("sample_per_episode / data parallel must be a multiple of "
+                                "num_samples_per_prompt")
+        steps = cfg.num_episodes * cfg.num_training_epoch * (cfg.sample_per_episode //
+                                                             cfg.train_global_batch_size)
+        self.seq = cfg.max_prompt_length + cfg.max_new_tokens
+        self.policy = self._role("policy", policy_args, arch, steps, trainable=True)
+        self.reference = self._role("reference", policy_args, arch, steps, trainable=False)
+        self.reward = self._role("reward", reward_args, None, steps, trainable=False,
+                                 head=True) if reward_args is not None else None
+        self.value = None
+        if cfg.algorithm == "ppo":
+            self.value = self._role("value", value_args or reward_args or policy_args, None, steps,
+                                    trainable=True, head=True)
+        if cfg.kl_target:
+            self.kl_ctl = L.AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
+        else:
+            self.kl_ctl = L.FixedKLController(cfg.init_kl_coef)
+        self.episode = 0
+        self.consumed_prompts = 0
+
+    # -- set-up
+
+    def _role(self, name, args, arch, steps, trainable, head=False) -> Role:
+        args = argparse.Namespace(**vars(args))
+        args.global_batch_size = self.cfg.train_global_batch_size
+        args.micro_batch_size = self.cfg.train_micro_batch_size
+        args.seq_length = self.seq
+        args.train_iters, args.lr_decay_iters = steps, None
+        validate(args, dist.get_world_size())  # precision, data parallel size, schedule
+        if arch is None:
+            arch = engine.resolve_arch(args)
+        src = args.load if layout.has_checkpoint(args.load) else args.pretrained_checkpoint
+        meta = layout.read_meta(src) if src else {}
+        vocab = meta.get("padded_vocab_size") or self.padded_vocab
+        config = engine.build_config(args, arch)
+        builder = partial(build_gpt_model, reward_head=True) if head else None
+        model = engine.build_model(args, arch, config, vocab, model_builder=builder)
+        optimizer = scheduler = None
+        if trainable:
+            optimizer, scheduler = engine.build_optimizer(args, model)
+            engine.wire_config(config, model, optimizer)
+        if src:
+            tolerate = checkpointing.HEAD_SWAP if head and not meta.get("reward_model") else None
+            checkpointing.load_weights_only(src, model, tolerate=tolerate)
+            if optimizer is not None:
+                optimizer.reload_model_params()
+        elif not trainable:
+            raise ArgumentError(f"the {name} role needs a checkpoint")
+        for m in model if not trainable else []:
+            for p in m.parameters():
+                p.requires_grad_(False)
+        print_rank_last(f"> {name}: {arch.family}, {'trainable' if trainable else 'frozen'}"
+                        f"{', from ' + src if src else ''}")
+        return Role(name, args, arch, model, vocab, optimizer, scheduler)
+
+    # -- experience
+
+    def prompts_for_episode(self, dataset) -> List[List[int]]:
+        cfg = self.cfg
+        group = cfg.num_samples_per_prompt if cfg.algorithm == "grpo" else 1
+        n = cfg.sample_per_episode // group
+        ids = [dataset.ids[(self.consumed_prompts + i) % len(dataset.ids)] for i in range(n)]
+        texts = [dataset.prompts[(self.consumed_prompts + i) % len(dataset.ids)] for i in range(n)]
+        per = n // self.dp
+        mine = slice(self.dp_rank * per, (self.dp_rank + 1) * per)
+        ids, texts = ids[mine], texts[mine]
+        return [p for p in ids for _ in range(group)], [t for t in texts for _ in range(group)]
+
+    def make_experience(self, prompts: List[List[int]], texts: List[str]) -> Dict[str, torch.Tensor]:
+        cfg = self.cfg
+        rows, masks, resp_ids, ended = [], [], [], []
+        gb = cfg.generation_batch_size
+        for i in range(0, len(prompts), gb):
+            chunk = prompts[i:i + gb]
+            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                    top_k=cfg.top_k, top_p=cfg.top_p, stop_token_ids=[self.eos],
+                                    seed=cfg.seed * 100003 + self.episode * 1009 + i +
+                                    self.dp_rank * 7919)
+            out = generate(self.policy.model[0], chunk, params, pad_id=self.pad,
+                           vocab_size=self.vocab_limit)
+            for j, p in enumerate(chunk):
+                r = out.row(j)
+                resp_ids.append(r)
+                ended.append(out.finish_reasons[j] == "stop_token")
+                row = torch.full((self.seq,), self.pad, dtype=torch.long)
+                row[:len(p) + len(r)] = torch.tensor(list(p) + r, dtype=torch.long)
+                m = torch.zeros(self.seq)
+                m[len(p) - 1:len(p) - 1 + len(r)] = 1.0  # actions: outputs at t predict t + 1
+                rows.append(row)
+                masks.append(m)
+        exp = {"tokens": torch.stack(rows), "mask": torch.stack(masks),
+               "position_ids": torch.arange(self.seq).expand(len(rows), -1).clone()}
+        micro = cfg.train_micro_batch_size
+        neg = (lambda o: -o)
+        collect(self.policy, exp, "old_logprobs", micro, self.seq, neg)
+        collect(self.reference, exp, "ref_logprobs", micro, self.seq, neg)
+        if self.value is not None:
+            collect(self.value, exp, "values", micro, self.seq)
+        score = torch.zeros(len(rows))
+        if self.reward is not None:
+            collect(self.reward, exp, "rm_values", micro, self.seq)
+            # the reward model reads the last real token: the last action's target position
+            last = L.last_index(exp["mask"]) + 1
+            score = score + exp.pop("rm_values")[torch.arange(len(rows)), last]
+        if self.reward_fn is not None:
+            responses = [self.tokenizer.detokenize(r) for r in resp_ids]
+            extra = torch.tensor([float(x) for x in self.reward_fn(texts, responses,
+                                                                    response_ids=resp_ids)])
+            score = score + extra
+        exp["score"] = score
+        exp["ended"] = torch.tensor(ended, dtype=torch.float32)
+        exp["response_length"] = exp["mask"].sum(-1)
+        return exp
+
+    def advantages(self, exp) -> Dict[str, float]:
+        cfg, mask = self.cfg, exp["mask"]
+        kl_tok = L.kl_penalty(exp["old_logprobs"], exp["ref_logprobs"], "k1") * mask
+        stats = {"kl": (kl_tok.sum(-1)).mean().item()}
+        dp_group = parallel_state.get_data_parallel_group() if self.dp > 1 else None
+        if cfg.algorithm == "grpo":
+            adv = L.grpo_advantages(exp["score"] * cfg.reward_scale, cfg.num_samples_per_prompt)
+            exp["advantages"] = L.broadcast_advantages(adv, mask)
+            return stats
+        rewards, kl_sum = L.compute_rewards(
+            exp["score"], exp["old_logprobs"], exp["ref_logprobs"], mask, self.kl_ctl.value,
+            kind=cfg.kl_kind, kl_divide_by_length=cfg.kl_divide_by_length,
+            reward_clip=cfg.reward_clip, reward_scale=cfg.reward_scale)
+        adv, ret = L.gae_advantages(rewards, exp["values"] * mask, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = L.whiten_across(adv, mask, group=dp_group) if dp_group else \
+                L.masked_whiten(adv, mask)
+        exp["advantages"], exp["returns"] = adv, ret
+        stats["kl"] = kl_sum.mean().item()
+        return stats
+
+    # -- training
+
+    def _policy_loss(self, batch, out):
+        cfg = self.cfg
+        logprobs = -out
+        if cfg.algorithm == "grpo":
+            loss, n, st = L.grpo_loss(logprobs, batch["old_logprobs"], batch["ref_logprobs"],
+                                      batch["advantages"], batch["mask"], cfg.clip_range,
+                                      self.kl_ctl.value)
+        else:
+            loss, n, st = L.ppo_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"],
+                                            batch["mask"], cfg.clip_range)
+        rep = {"policy_loss": torch.stack([loss.detach(), n.float()])}
+        rep.update({k.replace("_sum", ""): torch.stack([v.detach().float(), n.float()])
+                    for k, v in st.items()})
+        return loss, n.to(torch.int), rep
+
+    def _value_loss(self, batch, out):
+        loss, n, st = L.value_loss(out, batch["values"], batch["returns"], batch["mask"],
+                                   self.cfg.clip_range_value, self.cfg.clipped_value_only)
+        rep = {"value_loss": torch.stack([loss.detach(), n.float()])}
+        rep.update({k.replace("_sum", ""): torch.stack([v.detach().float(), n.float()])
+                    for k, v in st.items()})
+        return loss, n.to(torch.int), rep
+
+    def train_role(self, role: Role, exp, loss_fn, order: torch.Tensor) -> Dict[str, float]:
+        cfg = self.cfg
+        per_rank = cfg.train_global_batch_size // self.dp
+        totals: Dict[str, torch.Tensor] = {}
+        for start in range(0, len(order), per_rank):
+            idx = order[start:start + per_rank]
+            for m in role.model:
+                m.zero_grad_buffer()
+            role.optimizer.zero_grad()
+            losses = _run(role, exp, idx, False, loss_fn, cfg.train_micro_batch_size, self.seq)
+            ok, _, _ = role.optimizer.step()
+            if ok:
+                role.scheduler.step(increment=cfg.train_global_batch_size)
+            for x in losses:
+                for k, v in x.items():
+                    totals[k] = totals.get(k, 0) + v.double()
+        out = {}
+        for k, v in totals.items():
+            if self.dp > 1:
+                dist.all_reduce(v, group=parallel_state.get_data_parallel_group())
+            out[k] = (v[0] / v[1].clamp(min=1)).item()
+        return out
+
+    def run_episode(self, dataset, logger: MetricsLogger) -> dict:
+        cfg = self.cfg
+        t0 = time.time()
+        prompts, texts = self.prompts_for_episode(dataset)
+        exp = self.make_experience(prompts, texts)
+        t_gen = time.time()
+        stats = self.advantages(exp)
+        metrics = {"iteration": self.episode + 1}
+        metrics.update(self._reduce_mean({
+            "reward_mean": exp["score"].mean(), "reward_std": exp["score"].std(unbiased=False),
+            "response_length": exp["response_length"].mean(), "ended": exp["ended"].mean(),
+            "kl": torch.tensor(stats["kl"])}))
+        g = torch.Generator().manual_seed(cfg.seed + self.episode)
+        for _ in range(cfg.num_training_epoch):
+            order = torch.randperm(len(prompts), generator=g)
+            metrics.update(self.train_role(self.policy, exp, self._policy_loss, order))
+            if self.value is not None:
+                metrics.update(self.train_role(self.value, exp, self._value_loss, order))
+        self.kl_ctl.update(metrics["kl"], cfg.sample_per_episode)
+        metrics["kl_coef"] = self.kl_ctl.value
+        metrics["time_generation_s"] = t_gen - t0
+        metrics["time_training_s"] = time.time() - t_gen
+        metrics["tokens_per_s"] = float(exp["response_length"].sum()) * self.dp / max(
+            time.time() - t0, 1e-9)
+        self.episode += 1
+        self.consumed_prompts += cfg.sample_per_episode // (
+            cfg.num_samples_per_prompt if cfg.algorithm == "grpo" else 1)
+        logger.log_episode(metrics, cfg.num_episodes)
+        return metrics
+
+    def _reduce_mean(self, values: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        v = torch.stack([x.double() for x in values.values()]).to(platform.current_device())
+        if self.dp > 1:
+            dist.all_reduce(v, group=parallel_state.get_data_parallel_group())
+            v /= self.dp
+        return dict(zip(values, v.cpu().tolist()))
+
+    # -- checkpoints
+
+    def save(self, root: str) -> None:
+        for role in (self.policy, self.value):
+            if role is None:
+                continue
+            args = argparse.Namespace(**vars(role.args))
+            args.save = os.path.join(root, role.name)
+            state = engine.TrainState(iteration=self.episode)
+            meta = partial(engine.write_checkpoint_meta, args.save, role.arch, args,
+                           self.tokenizer if role is self.policy else None, role.vocab,
+                           self.vocab_limit, reward_model=role is self.value)
+            engine.save(args, role.model, role.optimizer, role.scheduler, state, meta)
+        if dist.get_rank() == 0:
+            layout.atomic_write_bytes(os.path.join(root, "rlhf_state.json"), json.dumps({
+                "episode": self.episode, "consumed_prompts": self.consumed_prompts,
+                "kl_controller": self.kl_ctl.state_dict()}).encode())
+        dist.barrier()
+
+    def load(self, root: str) -> bool:
+        path = os.path.join(root, "rlhf_state.json")
+        if not os.path.isfile(path):
+            return False
+        with open(path) as f:
+            st = json.load(f)
+        for role in (self.policy, self.value):
+            if role is not None:
+                checkpointing.load_checkpoint(os.path.join(root, role.name), role.model,
+                                              role.optimizer, role.scheduler)
+        self.episode, self.consumed_prompts = st["episode"], st["consumed_prompts"]
+        self.kl_ctl.load_state_dict(st["kl_controller"])
+        return True
+
+
+def load_reward_function(spec: str) -> Callable:
+    mod, _, fn = spec.partition(":")
+    if not fn:
+        raise ArgumentError(f"reward_function must be module:function, got {spec!r}")
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise ArgumentError(f"reward_function {spec}: {e}") from None
+
+
+def run(cfg: PPOConfig, policy_args, reward_args, value_args, prompts: List[str],
+        save: Optional[str], log_dir: Optional[str], tensorboard_dir: Optional[str] = None) -> List[dict]:
+    from megatron_patch.data.rl import PromptDataset
+
+    trainer = RLHFTrainer(cfg, policy_args, reward_args, value_args)
+    dataset = PromptDataset(prompts, trainer.tokenizer, cfg.max_prompt_length)
+    if save and trainer.load(save):
+        print_rank_last(f"> resumed from {save} at episode {trainer.episode}")
+    logger = MetricsLogger(argparse.Namespace(log_dir=log_dir, tensorboard_dir=tensorboard_dir),
+                           start_iteration=trainer.episode)
+    out = []
+    while trainer.episode < cfg.num_episodes:
+        out.append(trainer.run_episode(dataset, logger))
+        if save and (trainer.episode == cfg.num_episodes or (
+                cfg.save_episode_interval and trainer.episode % cfg.save_episode_interval == 0)):
+            trainer.save(save)
+    logger.close()
+    return out
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def build_cli() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="PPO / GRPO on megatron-core (all roles in one job)")
+    p.add_argument("--policy", required=True, help="the SFT checkpoint (policy and reference)")
+    p.add_argument("--reward", default=None, help="the reward-model checkpoint (or none)")
+    p.add_argument("--value", default=None, help="the value model's start (default: the reward "
+                   "model, else the policy with a new head)")
+    p.add_argument("--prompts", nargs="+", required=True, help="jsonl {prompt} / {query}")
+    p.add_argument("--save", default=None)
+    p.add_argument("--log-dir", default=None)
+    p.add_argument("--tensorboard-dir", default=None)
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--value-lr", type=float, default=None)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--tokenizer-model", default=None)
+    for f in dataclasses.fields(PPOConfig):
+        flag, typ = "--" + f.name.replace("_", "-"), str(f.type)
+        if "bool" in typ:
+            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
+        elif "float" in typ:
+            p.add_argument(flag, type=float, default=f.default)
+        elif "int" in typ:
+            p.add_argument(flag, type=int, default=f.default)
+        else:
+            p.add_argument(flag, default=f.default)
+    return p
+
+
+def role_args(ckpt: Optional[str], cli, lr: float):
+    flags = ["--model-size", "auto", "--seq-length", "8", "--lr", str(lr), "--min-lr", str(lr),
+             "--tensor-model-parallel-size", str(cli.tensor_model_parallel_size),
+             "--pipeline-model-parallel-size", str(cli.pipeline_model_parallel_size),
+             "--weight-decay", "0.0", "--seed", str(cli.seed), "--train-iters", "1"]
+    if ckpt:
+        flags += ["--pretrained-checkpoint", ckpt]
+    if cli.bf16:
+        flags.append("--bf16")
+    if cli.tokenizer_model:
+        flags += ["--tokenizer-model", cli.tokenizer_model]
+    p = build_parser()
+    add_finetune_args(p)
+    return p.parse_args(flags)
+
+
+def main(argv: Optional[list] = None) -> int:
+    cli = build_cli().parse_args(argv)
+    cfg = PPOConfig(**{f.name: getattr(cli, f.name) for f in dataclasses.fields(PPOConfig)})
+    try:
+        reward = None if cli.reward in (None, "none") else role_args(cli.reward, cli, cli.lr)
+        value_src = cli.value or (None if reward is None else cli.reward) or cli.policy
+        value = role_args(value_src, cli, cli.value_lr or cli.lr)
+        run(cfg, role_args(cli.policy, cli, cli.lr), reward, value, cli.prompts, cli.save,
+            cli.log_dir, cli.tensorboard_dir)
+    except (ArgumentError, layout.CheckpointError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("MEGATRON_PATCH_DEBUG"):
+            raise
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
