@@ -224,7 +224,9 @@ def test_includes_override_order_nested_and_cycles(tmp_path):
     # a cycle, through a nested include
     write(tmp_path, "sub/arch.yaml", "includes: [../reference.yaml]\nnum_layers: 4\n")
     msg = error(path)
-    assert "include cycle" in msg and "reference.yaml" in msg and "arch.yaml" in msg
+    chain = " -> ".join(str(tmp_path / f) for f in ("reference.yaml", "sub/mid.yaml",
+                                                     "sub/arch.yaml", "reference.yaml"))
+    assert msg == f"{tmp_path / 'sub' / 'arch.yaml'}: include cycle: {chain}"
     write(tmp_path, "sub/arch.yaml", "includes: [missing.yaml]\n")
     msg = error(path)
     assert msg.startswith(f"{tmp_path / 'sub' / 'arch.yaml'}: included file ")

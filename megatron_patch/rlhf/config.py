@@ -194,7 +194,8 @@ def _merge(dst: dict, dorig: dict, src: dict, src_file: str, prefix=()) -> None:
 def _read(path: str, env: Dict[str, str], stack=()):
     """(merged mapping, {key path: file that set it}) of a YAML file and its includes."""
     path = os.path.abspath(path)
-    _check(path not in stack, f"{path}: include cycle: {' -> '.join(stack + (path,))}")
+    _check(path not in stack, f"{stack[-1] if stack else path}: include cycle: "
+           f"{' -> '.join(stack + (path,))}")
     _check(os.path.isfile(path), f"{stack[-1]}: included file {path} does not exist" if stack
            else f"{path}: no such file")
     try:
