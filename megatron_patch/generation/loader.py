@@ -11,11 +11,8 @@ key, or ``-`` / ``none`` / empty for the tokenizer files stored in the checkpoin
 """
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import os
-import shutil
-import tempfile
 from typing import Optional
 
 import torch
@@ -131,22 +128,9 @@ def load_for_generation(ckpt: str, *, tp: int = 1, pp: int = 1, model_size: str 
 
 def _resharded(ckpt: str, tp: int, pp: int, ep: int, log) -> str:
     """Rank 0 reshards into a temporary folder; the path is shared with the other ranks."""
-    import torch.distributed as dist
+    from megatron_patch.training.checkpointing import resharded_copy
 
-    from megatron_patch.convert import engine
-
-    rank = dist.get_rank()
-    box = [None]
-    if rank == 0:
-        tmp = tempfile.mkdtemp(prefix="gen_reshard_")
-        atexit.register(shutil.rmtree, tmp, True)
-        target = os.path.join(tmp, "ckpt")
-        log(f"checkpoint {ckpt} is not at TP={tp} PP={pp}: resharding into {target}")
-        engine.reshard(ckpt, target, tp=tp, pp=pp, ep=ep, log=lambda *a: None)
-        box = [target]
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return resharded_copy(ckpt, tp, pp, ep, log=log)
 
 
 def load_tokenizer(spec: Optional[str], ckpt: str, tp: int = 1):

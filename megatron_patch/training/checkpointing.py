@@ -24,6 +24,11 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron_patch.convert import layout
 from megatron_patch.convert.layout import CheckpointError
 
+
+def print_rank_0(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
+
 CHECKPOINT_VERSION = 3.0
 SHARDING_TYPE = "fully_reshardable"
 
@@ -259,6 +264,32 @@ def _prime(opt) -> None:
     inner.zero_grad()
 
 
+def _legacy_tp_size(d: str) -> int:
+    """Tensor-parallel ranks of the legacy checkpoint in ``d`` (0 when it has none)."""
+    ranks = {m.group(1) for n in os.listdir(d) for m in [re.match(r"mp_rank_(\d+)", n)] if m}
+    return len(ranks)
+
+
+def resharded_copy(ckpt: str, tp: int, pp: int, ep: int = 1, log=print_rank_0) -> str:
+    """Rank 0 reshards ``ckpt`` (legacy or torch_dist) to TP/PP/EP into a temporary folder, removed
+    at exit, with the conversion engine; every rank gets its path."""
+    import atexit
+    import tempfile
+
+    from megatron_patch.convert import engine
+
+    box = [None]
+    if dist.get_rank() == 0:
+        tmp = tempfile.mkdtemp(prefix="mp_reshard_")
+        atexit.register(shutil.rmtree, tmp, True)
+        box = [os.path.join(tmp, "ckpt")]
+        log(f"> {ckpt} is not at TP={tp} PP={pp}: resharding a copy into {box[0]}")
+        engine.reshard(ckpt, box[0], tp=tp, pp=pp, ep=ep, log=lambda *a: None)
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _legacy_pp_size(d: str, tp_rank: int) -> Optional[int]:
     """How many pipeline stages the legacy checkpoint in ``d`` has for ``tp_rank`` (None: none)."""
     if os.path.isfile(os.path.join(d, layout.rank_dirname(tp_rank, 0, 1), "model_optim_rng.pt")):
@@ -321,6 +352,11 @@ def load_weights_only(path: str, model: List[torch.nn.Module], tolerate: Optiona
     d = os.path.join(path, layout.iter_dirname(iteration))
     tp_rank, pp_rank, pp_size, _ = _rank_coords()
     if fmt == "legacy":
+        ckpt_tp = _legacy_tp_size(d)
+        run_tp = parallel_state.get_tensor_model_parallel_world_size()
+        if ckpt_tp and ckpt_tp != run_tp:  # another TP: a resharded copy (conversion engine)
+            target = resharded_copy(path, run_tp, pp_size)
+            return load_weights_only(target, model, tolerate)
         ckpt_pp = _legacy_pp_size(d, tp_rank)
         f = os.path.join(d, layout.rank_dirname(tp_rank, pp_rank, pp_size), "model_optim_rng.pt")
         if ckpt_pp is None:
