@@ -111,10 +111,8 @@ def load_for_generation(ckpt: str, *, tp: int = 1, pp: int = 1, model_size: str 
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tp, pp, expert_model_parallel_size=c_ep)
     model_parallel_cuda_manual_seed(seed)
-    # bias_activation_fusion: megatron-core only fuses gelu/silu/quick_gelu; families with another
-    # activation (Bloom's tanh gelu) would be refused on GPU, and inference gains nothing from it
     cfg = transformer_config(arch, tp=tp, pp=pp, ep=c_ep, precision=precision,
-                             sequence_parallel=tp > 1 and n_exp > 0, bias_activation_fusion=False)
+                             sequence_parallel=tp > 1 and n_exp > 0)
     padded = int(meta.get("padded_vocab_size") or arch.model["vocab_size"])
     model = build_gpt_model(arch, cfg, vocab_size=padded, flash=flash).eval()
     load.load_rank(model, root, tp_rank=ps.get_tensor_model_parallel_rank(),
