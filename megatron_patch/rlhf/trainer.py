@@ -11,15 +11,22 @@ group; the inference twin of a trainable role is that role itself, so no weights
 - ``value`` (trainable ``GPTRewardModel``; PPO only), started from the reward model, or from the
   policy checkpoint with a new head.
 
-One episode: take ``sample_per_episode`` prompts (data-parallel ranks take disjoint shares),
-generate, score (old log-probs, reference log-probs, values, reward), form per-token rewards
-(KL penalty ``k1`` in the reward by default) and GAE advantages (whitened across data-parallel
-ranks), then ``num_training_epoch`` passes of mini-batches of ``train_global_batch_size`` samples
-through megatron-core's forward-backward function with the clipped surrogate (policy) and clipped
-value loss (value). GRPO: ``num_samples_per_prompt`` responses per prompt, group-normalised scores
-as advantages, no value model, k3 KL to the reference in the loss. Every log-prob (old, reference,
-new) comes from the same forward (the model's fused vocab-parallel cross entropy), so the first
-ratio of every episode is exactly 1.
+One episode: take ``sample_per_episode`` prompts (data-parallel ranks take disjoint shares; in a
+seeded new order on every pass over the data with ``data_shuffle``), generate (temperature, top-k,
+top-p, repetition penalty), score (old log-probs, reference log-probs, values, reward), form
+per-token rewards (KL penalty ``kl_kind``, k1 by default, in the reward; with ``kl_in_loss`` the
+KL is a ``kl_coef`` x k3 term of the policy loss instead) and GAE advantages (whitened across
+data-parallel ranks), then ``num_training_epoch`` passes of mini-batches of
+``train_global_batch_size`` samples through megatron-core's forward-backward function with the
+clipped surrogate (policy) and clipped value loss (value). GRPO: ``num_samples_per_prompt``
+responses per prompt, group-normalised scores as advantages, no value model, k3 KL to the
+reference in the loss. Every log-prob (old, reference, new) comes from the same forward (the
+model's fused vocab-parallel cross entropy), so the first ratio of every episode is exactly 1.
+Not implemented: the entropy bonus (``entropy_coef`` must be 0), per-role TP/PP layouts.
+
+Settings: ``PPOConfig`` (defaults: the YAML schema of ``megatron_patch.rlhf.config``), built from
+a YAML folder by ``ppo_config_from``; ``python -m megatron_patch.rlhf.run RLHF_YAML`` runs one,
+``python -m megatron_patch.rlhf.trainer --policy CKPT --prompts FILE ...`` is the flag interface.
 
 Tensors of an experience batch are in *action* layout: index ``t`` of a row scores the token at
 sequence position ``t + 1`` (the model's output at ``t`` predicts it); ``mask[b, t]`` is 1 for the
@@ -48,6 +55,8 @@ from megatron_patch.convert import layout
 from megatron_patch.generation import SamplingParams, generate
 from megatron_patch.models.builder import build_gpt_model, padded_vocab
 from megatron_patch.rlhf import losses as L
+from megatron_patch.rlhf.config import (RLHFConfigError, RLHFSettings,
+                                     RoleRLHFKeys)
 from megatron_patch.training import checkpointing, engine
 from megatron_patch.training.arguments import ArgumentError, build_parser, validate
 from megatron_patch.training.finetune import add_finetune_args
@@ -55,37 +64,142 @@ from megatron_patch.training.logging import MetricsLogger, print_rank_last
 from megatron_patch.training.pretrain import load_tokenizer
 
 
+_S, _K = RLHFSettings(), RoleRLHFKeys()  # the defaults of the YAML schema: the one source
+
+
 @dataclasses.dataclass
 class PPOConfig:
-    algorithm: str = "ppo"  # ppo | grpo
-    num_episodes: int = 10
-    sample_per_episode: int = 32  # responses per episode, all data-parallel ranks together
-    generation_batch_size: int = 8  # prompts per generate call on one data-parallel rank
-    train_micro_batch_size: int = 4
-    train_global_batch_size: int = 8
-    num_training_epoch: int = 1
-    max_new_tokens: int = 16
-    max_prompt_length: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 0.0
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    gamma: float = 1.0
-    lam: float = 0.95
-    init_kl_coef: float = 0.05
-    kl_target: Optional[float] = None  # adaptive KL controller when set
-    kl_horizon: int = 10000
-    kl_kind: str = "k1"
-    kl_divide_by_length: bool = False
-    clipped_value_only: bool = False
-    reward_scale: float = 1.0
-    reward_clip: Optional[float] = None
-    whiten_advantages: bool = True
-    num_samples_per_prompt: int = 4  # GRPO group size
-    reward_function: Optional[str] = None
-    save_episode_interval: int = 0
-    seed: int = 1234
+    """Settings of one run. Defaults are those of the YAML schema (``config.RLHFSettings`` for the
+    run settings, ``config.RoleRLHFKeys`` for the per-model RLHF keys); ``ppo_config_from`` builds
+    one from a loaded ``RLHFConfig``. ``num_episodes`` is the YAML's ``rlhf.num_ppo_episode``."""
+    algorithm: str = _S.algorithm  # ppo | grpo
+    num_episodes: int = _S.num_ppo_episode
+    sample_per_episode: int = _S.sample_per_episode  # responses per episode, all DP ranks together
+    generation_batch_size: int = _S.generation_batch_size  # prompts per generate call on a DP rank
+    train_micro_batch_size: int = _S.train_micro_batch_size
+    train_global_batch_size: int = _S.train_global_batch_size
+    num_training_epoch: int = _S.num_training_epoch
+    max_new_tokens: int = _K.max_new_tokens
+    max_prompt_length: Optional[int] = _K.max_prompt_length  # required here (the YAML: None means
+    #                                                          seq_length - max_new_tokens)
+    temperature: float = _K.temperature
+    top_k: int = _K.top_k
+    top_p: float = _K.top_p  # 0 or 1: off
+    repetition_penalty: float = _K.repetition_penalty
+    clip_range: float = _K.clip_range
+    clip_range_value: float = _K.clip_range_value
+    gamma: float = _K.gamma
+    lam: float = _K.lam
+    init_kl_coef: float = _K.init_kl_coef
+    kl_target: Optional[float] = _K.kl_target  # adaptive KL controller when set
+    kl_horizon: float = _K.kl_horizon
+    kl_kind: str = _K.kl_kind  # the estimator of the KL penalty in the rewards
+    kl_in_loss: bool = _K.kl_in_loss  # PPO: KL to the reference in the loss, not in the rewards
+    kl_divide_by_length: bool = _K.kl_divide_by_length
+    clipped_value_only: bool = _K.clipped_value_only
+    entropy_coef: float = _K.entropy_coef  # must be 0: the entropy bonus is not implemented
+    reward_scale: float = _K.reward_scale
+    reward_clip: Optional[float] = _K.reward_clip
+    whiten_advantages: bool = _K.whiten_advantages
+    num_samples_per_prompt: int = _K.num_samples_per_prompt  # GRPO group size (>= 2 with grpo)
+    reward_function: Optional[str] = _K.reward_function
+    save_episode_interval: Optional[int] = _S.save_episode_interval  # None / 0: at the end only
+    seed: int = _S.seed
+    data_shuffle: bool = _S.data_shuffle  # prompts in a seeded new order on every pass
+
+
+# Which per-model file a PPOConfig key is read from (ppo_config_from): generation settings from the
+# role that generates (``policy``, the inference twin, as in ChatLearn), value-loss settings from
+# the value model (``reward_train``, when present), everything else from the trained policy.
+GENERATION_KEYS = ("max_new_tokens", "max_prompt_length", "temperature", "top_k", "top_p",
+                   "repetition_penalty", "num_samples_per_prompt")
+VALUE_KEYS = ("clip_range_value", "clipped_value_only")
+POLICY_KEYS = ("clip_range", "gamma", "lam", "init_kl_coef", "kl_target", "kl_horizon", "kl_kind",
+               "kl_in_loss", "kl_divide_by_length", "entropy_coef", "reward_scale", "reward_clip",
+               "whiten_advantages")
+# rlhf: section -> PPOConfig
+SETTINGS_KEYS = {"algorithm": "algorithm", "num_ppo_episode": "num_episodes",
+                 "sample_per_episode": "sample_per_episode",
+                 "generation_batch_size": "generation_batch_size",
+                 "train_micro_batch_size": "train_micro_batch_size",
+                 "train_global_batch_size": "train_global_batch_size",
+                 "num_training_epoch": "num_training_epoch",
+                 "save_episode_interval": "save_episode_interval", "seed": "seed",
+                 "data_shuffle": "data_shuffle"}
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def ppo_config_from(rlhf_config, warn: Callable[[str], None] = _warn) -> PPOConfig:
+    """The PPOConfig of a loaded ``config.RLHFConfig``: the ``rlhf:`` run settings plus the RLHF
+    keys of the per-model files. Which role's file wins for which key:
+
+    - generation (``max_new_tokens``, ``max_prompt_length``, ``temperature``, ``top_k``,
+      ``top_p``, ``repetition_penalty``, ``num_samples_per_prompt``): the ``policy`` role (the
+      inference twin that generates; ``ppo_policy`` if there is none). ``max_prompt_length: null``
+      becomes that role's ``seq_length - max_new_tokens``;
+    - value loss (``clip_range_value``, ``clipped_value_only``): ``reward_train`` (the value
+      model), else ``ppo_policy``;
+    - everything else (clipping, GAE, the KL coefficient/controller/estimator, ``kl_in_loss``,
+      ``entropy_coef``, reward scaling and clipping, whitening): ``ppo_policy``;
+    - ``reward_function``: whichever files set it (all that set it must agree).
+
+    A key set to another value in a file that does not win (and that the winning role does not
+    read itself, like a shared base.yaml) is reported through ``warn`` (one line naming both).
+    Settings that this trainer cannot honour are errors (``RLHFConfigError``, one line naming the
+    file and key): a non-zero ``entropy_coef``, evaluation (``rlhf.eval_data_path`` /
+    ``rlhf.eval_episode_interval``); ``eval_temperature`` (only used by evaluation),
+    ``rlhf.log_interval`` other than 1 and the PPO-only keys with grpo are warnings."""
+    m, s = rlhf_config.models, rlhf_config.rlhf
+    where = rlhf_config.path
+    gen = m.get("policy") or m["ppo_policy"]
+    owner = {k: gen for k in GENERATION_KEYS + ("eval_temperature",)}
+    owner.update({k: m.get("reward_train") or m["ppo_policy"] for k in VALUE_KEYS})
+    owner.update({k: m["ppo_policy"] for k in POLICY_KEYS})
+    values = {}
+    for key, role in owner.items():
+        values[key] = role.rlhf_values()[key]
+        read = set(role.origins.values())  # the files the winning role read (shared includes)
+        for other in m.values():
+            if other is not role and key in other.values and \
+                    other.origins.get((key,)) not in read and \
+                    other.rlhf_values()[key] != values[key]:
+                warn(f"{other.model_config_file}: {key}: {other.rlhf_values()[key]!r} is not used; "
+                     f"{key} is read from role {role.name} ({role.model_config_file}: "
+                     f"{values[key]!r})")
+    fns = {r.name: r.rlhf_values()["reward_function"] for r in m.values()}
+    fns = {k: v for k, v in fns.items() if v}
+    if len(set(fns.values())) > 1:
+        raise RLHFConfigError(f"{where}: the model files set different reward_function values ("
+                              + ", ".join(f"{k}: {v}" for k, v in fns.items()) + ")")
+    values["reward_function"] = next(iter(fns.values()), None)
+    if values["entropy_coef"]:
+        raise RLHFConfigError(f"{m['ppo_policy'].model_config_file}: entropy_coef "
+                              f"{values['entropy_coef']}: the entropy bonus is not implemented yet "
+                              "(it needs the full vocabulary logits); set entropy_coef: 0")
+    if s.eval_data_path or s.eval_episode_interval:
+        raise RLHFConfigError(f"{where}: rlhf.eval_data_path / rlhf.eval_episode_interval: "
+                              "evaluation during RLHF is not implemented yet; remove them")
+    if values.pop("eval_temperature") != _K.eval_temperature:
+        warn(f"{gen.model_config_file}: eval_temperature has no effect (evaluation during RLHF "
+             "is not implemented yet)")
+    if s.algorithm == "grpo":  # no value model, no GAE: these keys have no effect
+        for k in ("gamma", "lam", "whiten_advantages") + VALUE_KEYS:
+            if values[k] != getattr(_K, k):
+                warn(f"{owner[k].model_config_file}: {k} has no effect with grpo (no value model)")
+    if s.log_interval != 1:
+        warn(f"{where}: rlhf.log_interval {s.log_interval}: every episode is logged")
+    if values["max_prompt_length"] is None:
+        seq = gen.megatron_args().seq_length
+        if not seq or seq <= values["max_new_tokens"]:
+            raise RLHFConfigError(f"{gen.model_config_file}: max_prompt_length is null and "
+                                  f"seq_length ({seq}) leaves no room for a prompt before "
+                                  f"max_new_tokens ({values['max_new_tokens']})")
+        values["max_prompt_length"] = seq - values["max_new_tokens"]
+    values.update({dst: getattr(s, src) for src, dst in SETTINGS_KEYS.items()})
+    return PPOConfig(**values)
 
 
 class Role:
@@ -166,16 +280,67 @@ def collect(role: Role, exp, key_out: str, micro: int, seq: int, transform=None)
 # ------------------------------------------------------------------------------------ trainer
 
 
+def check_config(cfg: PPOConfig) -> None:
+    """ArgumentError for settings this trainer cannot run (before anything is built)."""
+    if cfg.algorithm not in ("ppo", "grpo"):
+        raise ArgumentError(f"algorithm must be ppo or grpo, got {cfg.algorithm!r}")
+    if cfg.kl_kind not in L.KL_KINDS:
+        raise ArgumentError(f"kl_kind must be one of {', '.join(L.KL_KINDS)}, got {cfg.kl_kind!r}")
+    if cfg.entropy_coef:
+        raise ArgumentError(f"entropy_coef {cfg.entropy_coef}: the entropy bonus is not "
+                            "implemented yet (it needs the full vocabulary logits); set it to 0")
+    if cfg.max_prompt_length is None or cfg.max_prompt_length < 1:
+        raise ArgumentError(f"max_prompt_length must be a positive number of tokens, got "
+                            f"{cfg.max_prompt_length!r}")
+    if cfg.kl_divide_by_length and (cfg.kl_in_loss or cfg.algorithm == "grpo"):
+        raise ArgumentError("kl_divide_by_length applies to the KL penalty in the rewards; with "
+                            f"{'grpo' if cfg.algorithm == 'grpo' else 'kl_in_loss'} the KL term "
+                            "is in the loss")
+    if cfg.algorithm == "grpo" and cfg.num_samples_per_prompt < 2:
+        raise ArgumentError(f"grpo needs num_samples_per_prompt >= 2 (the group whose scores are "
+                            f"normalised), got {cfg.num_samples_per_prompt}")
+
+
+LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+               "virtual_pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage")
+
+
+def layout_of(args) -> tuple:
+    return tuple(getattr(args, k, None) for k in LAYOUT_KEYS)
+
+
+def check_layouts(role_args: Dict[str, Optional[argparse.Namespace]]) -> None:
+    """Every role runs in one megatron-core process-group layout (that of the first entry, the
+    policy): another TP/PP/virtual-PP size is an ArgumentError (per-role layouts with resharding are
+    not implemented)."""
+    (first, ref), *rest = [(k, v) for k, v in role_args.items() if v is not None]
+    for name, args in rest:
+        if layout_of(args) != layout_of(ref):
+            raise ArgumentError(
+                f"the {name} role's layout (TP, PP, virtual PP, layers per virtual stage) = "
+                f"{layout_of(args)} differs from the {first}'s {layout_of(ref)}: every role runs "
+                "with one shared TP/PP layout here (per-role layouts with resharding are not "
+                "implemented yet)")
+
+
 class RLHFTrainer:
-    def __init__(self, cfg: PPOConfig, policy_args, reward_args=None, value_args=None):
+    def __init__(self, cfg: PPOConfig, policy_args, reward_args=None, value_args=None,
+                 reference_args=None):
+        """``reference_args``: the reference model's arguments (default: ``policy_args``; it must
+        load a checkpoint). Every role runs with the TP/PP layout of ``policy_args``."""
         self.cfg = cfg
-        if cfg.algorithm not in ("ppo", "grpo"):
-            raise ArgumentError(f"algorithm must be ppo or grpo, got {cfg.algorithm!r}")
+        check_config(cfg)
         if reward_args is None and not cfg.reward_function:
             raise ArgumentError("give a reward model or a reward_function (module:function)")
+        check_layouts({"policy": policy_args, "reference": reference_args,
+                       "reward": reward_args, "value": value_args})
         self.reward_fn = load_reward_function(cfg.reward_function) if cfg.reward_function else None
+        steps = cfg.num_episodes * cfg.num_training_epoch * (cfg.sample_per_episode //
+                                                             cfg.train_global_batch_size)
         arch = engine.resolve_arch(policy_args)
-        engine.initialize(policy_args)
+        init_args = argparse.Namespace(**vars(policy_args))  # the schedule is the trainer's
+        init_args.train_iters, init_args.train_tokens, init_args.epochs = steps, None, None
+        engine.initialize(init_args)
         self.dp = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.tokenizer, original = load_tokenizer(policy_args, arch)
@@ -193,11 +358,11 @@ class RLHFTrainer:
         if per_rank % group:
             raise ArgumentError("sample_per_episode / data parallel must be a multiple of "
                                 "num_samples_per_prompt")
-        steps = cfg.num_episodes * cfg.num_training_epoch * (cfg.sample_per_episode //
-                                                             cfg.train_global_batch_size)
         self.seq = cfg.max_prompt_length + cfg.max_new_tokens
         self.policy = self._role("policy", policy_args, arch, steps, trainable=True)
-        self.reference = self._role("reference", policy_args, arch, steps, trainable=False)
+        self.reference = self._role("reference", reference_args or policy_args,
+                                    None if reference_args is not None else arch, steps,
+                                    trainable=False)
         self.reward = self._role("reward", reward_args, None, steps, trainable=False,
                                  head=True) if reward_args is not None else None
         self.value = None
@@ -210,6 +375,7 @@ class RLHFTrainer:
             self.kl_ctl = L.FixedKLController(cfg.init_kl_coef)
         self.episode = 0
         self.consumed_prompts = 0
+        self._orders: Dict[int, List[int]] = {}
 
     # -- set-up
 
@@ -219,6 +385,7 @@ class RLHFTrainer:
         args.micro_batch_size = self.cfg.train_micro_batch_size
         args.seq_length = self.seq
         args.train_iters, args.lr_decay_iters = steps, None
+        args.train_tokens = args.epochs = None  # the schedule is the episodes' optimizer steps
         validate(args, dist.get_world_size())  # precision, data parallel size, schedule
         if arch is None:
             arch = engine.resolve_arch(args)
@@ -252,12 +419,24 @@ class RLHFTrainer:
         cfg = self.cfg
         group = cfg.num_samples_per_prompt if cfg.algorithm == "grpo" else 1
         n = cfg.sample_per_episode // group
-        ids = [dataset.ids[(self.consumed_prompts + i) % len(dataset.ids)] for i in range(n)]
-        texts = [dataset.prompts[(self.consumed_prompts + i) % len(dataset.ids)] for i in range(n)]
+        pick = [self._prompt_index(self.consumed_prompts + i, len(dataset.ids)) for i in range(n)]
+        ids = [dataset.ids[k] for k in pick]
+        texts = [dataset.prompts[k] for k in pick]
         per = n // self.dp
         mine = slice(self.dp_rank * per, (self.dp_rank + 1) * per)
         ids, texts = ids[mine], texts[mine]
         return [p for p in ids for _ in range(group)], [t for t in texts for _ in range(group)]
+
+    def _prompt_index(self, i: int, n: int) -> int:
+        """The dataset index of the i-th prompt consumed: in file order, or (data_shuffle) in a
+        seeded permutation of its pass over the data; a function of i only (resume-exact)."""
+        if not self.cfg.data_shuffle:
+            return i % n
+        epoch = i // n
+        if epoch not in self._orders:
+            g = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
+            self._orders = {epoch: torch.randperm(n, generator=g).tolist()}
+        return self._orders[epoch][i % n]
 
     def make_experience(self, prompts: List[List[int]], texts: List[str]) -> Dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -266,7 +445,9 @@ class RLHFTrainer:
         for i in range(0, len(prompts), gb):
             chunk = prompts[i:i + gb]
             params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                    top_k=cfg.top_k, top_p=cfg.top_p, stop_token_ids=[self.eos],
+                                    top_k=cfg.top_k, top_p=cfg.top_p,
+                                    repetition_penalty=cfg.repetition_penalty,
+                                    stop_token_ids=[self.eos],
                                     seed=cfg.seed * 100003 + self.episode * 1009 + i +
                                     self.dp_rank * 7919)
             out = generate(self.policy.model[0], chunk, params, pad_id=self.pad,
@@ -311,11 +492,16 @@ class RLHFTrainer:
         stats = {"kl": (kl_tok.sum(-1)).mean().item()}
         dp_group = parallel_state.get_data_parallel_group() if self.dp > 1 else None
         if cfg.algorithm == "grpo":
-            adv = L.grpo_advantages(exp["score"] * cfg.reward_scale, cfg.num_samples_per_prompt)
+            score = exp["score"] * cfg.reward_scale
+            if cfg.reward_clip is not None:
+                score = score.clamp(-cfg.reward_clip, cfg.reward_clip)
+            adv = L.grpo_advantages(score, cfg.num_samples_per_prompt)
             exp["advantages"] = L.broadcast_advantages(adv, mask)
             return stats
+        # kl_in_loss: the KL term is in the policy loss (_policy_loss), not in the rewards
         rewards, kl_sum = L.compute_rewards(
-            exp["score"], exp["old_logprobs"], exp["ref_logprobs"], mask, self.kl_ctl.value,
+            exp["score"], exp["old_logprobs"], exp["ref_logprobs"], mask,
+            0.0 if cfg.kl_in_loss else self.kl_ctl.value,
             kind=cfg.kl_kind, kl_divide_by_length=cfg.kl_divide_by_length,
             reward_clip=cfg.reward_clip, reward_scale=cfg.reward_scale)
         adv, ret = L.gae_advantages(rewards, exp["values"] * mask, mask, cfg.gamma, cfg.lam)
@@ -323,18 +509,31 @@ class RLHFTrainer:
             adv = L.whiten_across(adv, mask, group=dp_group) if dp_group else \
                 L.masked_whiten(adv, mask)
         exp["advantages"], exp["returns"] = adv, ret
-        stats["kl"] = kl_sum.mean().item()
+        stats["kl"] = kl_sum.mean().item()  # kl_kind's estimate, whatever the coefficient
         return stats
 
     # -- training
 
+    @property
+    def loss_kl_kind(self) -> str:
+        """The KL estimator of a KL term in the loss (GRPO, PPO with kl_in_loss): kl_kind, where k1
+        (whose gradient is zero in expectation on the policy's own samples) means k3."""
+        return "k3" if self.cfg.kl_kind == "k1" else self.cfg.kl_kind
+
     def _policy_loss(self, batch, out):
         cfg = self.cfg
         logprobs = -out
-        if cfg.algorithm == "grpo":
+        kind = self.loss_kl_kind
+        if cfg.algorithm == "grpo" and kind == "k3":
             loss, n, st = L.grpo_loss(logprobs, batch["old_logprobs"], batch["ref_logprobs"],
                                       batch["advantages"], batch["mask"], cfg.clip_range,
                                       self.kl_ctl.value)
+        elif cfg.algorithm == "grpo" or cfg.kl_in_loss:  # surrogate + kl_coef x KL(kind)
+            loss, n, st = L.ppo_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"],
+                                            batch["mask"], cfg.clip_range)
+            kl = L.masked_sum(L.kl_penalty(logprobs, batch["ref_logprobs"], kind), batch["mask"])
+            loss = loss + self.kl_ctl.value * kl
+            st = dict(st, ref_kl_sum=kl.detach())
         else:
             loss, n, st = L.ppo_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"],
                                             batch["mask"], cfg.clip_range)
@@ -413,12 +612,18 @@ class RLHFTrainer:
 
     # -- checkpoints
 
+    @staticmethod
+    def role_dir(role: Role, root: str) -> str:
+        """Where a trainable role is saved: its own ``save`` argument, else ``root/<role name>``
+        (root holds rlhf_state.json)."""
+        return role.args.save or os.path.join(root, role.name)
+
     def save(self, root: str) -> None:
         for role in (self.policy, self.value):
             if role is None:
                 continue
             args = argparse.Namespace(**vars(role.args))
-            args.save = os.path.join(root, role.name)
+            args.save = self.role_dir(role, root)
             state = engine.TrainState(iteration=self.episode)
             meta = partial(engine.write_checkpoint_meta, args.save, role.arch, args,
                            self.tokenizer if role is self.policy else None, role.vocab,
@@ -438,7 +643,7 @@ class RLHFTrainer:
             st = json.load(f)
         for role in (self.policy, self.value):
             if role is not None:
-                checkpointing.load_checkpoint(os.path.join(root, role.name), role.model,
+                checkpointing.load_checkpoint(self.role_dir(role, root), role.model,
                                               role.optimizer, role.scheduler)
         self.episode, self.consumed_prompts = st["episode"], st["consumed_prompts"]
         self.kl_ctl.load_state_dict(st["kl_controller"])
@@ -456,10 +661,14 @@ def load_reward_function(spec: str) -> Callable:
 
 
 def run(cfg: PPOConfig, policy_args, reward_args, value_args, prompts: List[str],
-        save: Optional[str], log_dir: Optional[str], tensorboard_dir: Optional[str] = None) -> List[dict]:
+        save: Optional[str], log_dir: Optional[str], tensorboard_dir: Optional[str] = None,
+        reference_args=None) -> List[dict]:
+    """Train ``cfg.num_episodes`` episodes (resuming from ``save``'s rlhf_state.json when there
+    is one); ``save``: the folder of rlhf_state.json, and of the trainable roles that have no
+    ``save`` argument of their own (``save/policy``, ``save/value``)."""
     from megatron_patch.data.rl import PromptDataset
 
-    trainer = RLHFTrainer(cfg, policy_args, reward_args, value_args)
+    trainer = RLHFTrainer(cfg, policy_args, reward_args, value_args, reference_args)
     dataset = PromptDataset(prompts, trainer.tokenizer, cfg.max_prompt_length)
     if save and trainer.load(save):
         print_rank_last(f"> resumed from {save} at episode {trainer.episode}")
@@ -494,16 +703,20 @@ def build_cli() -> argparse.ArgumentParser:
     p.add_argument("--value-lr", type=float, default=None)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--tokenizer-model", default=None)
+    p.add_argument("--seq-length", type=int, default=None,
+                   help="without --max-prompt-length: max_prompt_length = this - max_new_tokens")
     for f in dataclasses.fields(PPOConfig):
         flag, typ = "--" + f.name.replace("_", "-"), str(f.type)
+        flag = [flag, "--num-ppo-episode"] if f.name == "num_episodes" else [flag]
         if "bool" in typ:
-            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
+            p.add_argument(*flag, type=lambda s: s.lower() in ("1", "true", "yes"),
+                           default=f.default)
         elif "float" in typ:
-            p.add_argument(flag, type=float, default=f.default)
+            p.add_argument(*flag, type=float, default=f.default)
         elif "int" in typ:
-            p.add_argument(flag, type=int, default=f.default)
+            p.add_argument(*flag, type=int, default=f.default)
         else:
-            p.add_argument(flag, default=f.default)
+            p.add_argument(*flag, default=f.default)
     return p
 
 
@@ -527,6 +740,12 @@ def main(argv: Optional[list] = None) -> int:
     cli = build_cli().parse_args(argv)
     cfg = PPOConfig(**{f.name: getattr(cli, f.name) for f in dataclasses.fields(PPOConfig)})
     try:
+        if cfg.max_prompt_length is None:
+            if not cli.seq_length or cli.seq_length <= cfg.max_new_tokens:
+                raise ArgumentError("give --max-prompt-length, or --seq-length larger than "
+                                    f"--max-new-tokens ({cfg.max_new_tokens})")
+            cfg.max_prompt_length = cli.seq_length - cfg.max_new_tokens
+        check_config(cfg)
         reward = None if cli.reward in (None, "none") else role_args(cli.reward, cli, cli.lr)
         value_src = cli.value or (None if reward is None else cli.reward) or cli.policy
         value = role_args(value_src, cli, cli.value_lr or cli.lr)

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Tutorial step 3: PPO of a Bloom 7.1B SFT policy with a 7.1B reward model; the six roles share one
+# machine of 8 devices at TP=4 (2 data-parallel replicas). -h for the variables.
+set -euo pipefail
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/../common.sh"
+: "${MODEL_SIZE:=7.1B}" "${TP:=4}" "${PP:=1}" "${SEQ_LEN:=2048}"
+: "${GENERATION_BATCH_SIZE:=16}" "${TRAIN_MICRO_BATCH_SIZE:=4}" "${TRAIN_GLOBAL_BATCH_SIZE:=64}"
+: "${SAMPLE_PER_EPISODE:=512}" "${NUM_PPO_EPISODE:=100}" "${SAVE_EPISODE_INTERVAL:=10}"
+rlhf3_run bloom VOCAB_FILE 0,1,2,3,4,5,6,7 "$(basename "$0")" "$@"
