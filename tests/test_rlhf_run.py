@@ -351,7 +351,7 @@ def test_ppo_config_from_the_example_and_cli_defaults(ws):
 def test_load_iteration_reads_that_iteration(tmp_path):
     """load_iteration other than the tracker's: a folder of links whose tracker names it."""
     from megatron_patch.rlhf.config import RoleConfig
-    from megatron_patch.rlhf.run import _checkpoint
+    from megatron_patch.rlhf.run import Plan, _checkpoint
 
     src = tmp_path / "rm"
     for it in (1, 3):
@@ -371,3 +371,5 @@ def test_load_iteration_reads_that_iteration(tmp_path):
     args.load = str(src)
     _checkpoint(role, args, views)
     assert args.load == str(src) and len(views) == 1
+    Plan.cleanup(type("P", (), {"views": views})())
+    assert not os.path.exists(views[0])
