@@ -243,3 +243,17 @@ def test_bad_finetune_input_is_one_line_error(ws):
             launch_local(argv, 1)
         lines = [x for x in str(e.value).splitlines() if x.startswith("error:")]
         assert len(lines) == 1 and message in lines[0], str(e.value)[-2000:]
+
+
+def test_reward_model_resume_is_exact(ws):
+    """Stopped after its checkpoint at iteration 3 (mid-epoch) and rerun, the reward model's losses
+    equal the uninterrupted run's."""
+    flags = ["--task", "reward", "--train-data", ws["rm_train"], "--train-iters", "6",
+             "--micro-batch-size", "4", "--global-batch-size", "8"]
+    full, _ = finetune(ws, "rm_full", 1, *flags, key="rm_loss")
+    assert len(full) == 6
+    ck = os.path.join(ws["tmp"], "rm_resume", "ckpt")
+    more = [*flags, "--save", ck, "--load", ck, "--save-interval", "3"]
+    finetune(ws, "rm_resume", 1, *more, "--exit-interval", "3", key="rm_loss")
+    got, _ = finetune(ws, "rm_resume", 1, *more, key="rm_loss")
+    assert got == full
