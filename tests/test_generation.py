@@ -229,3 +229,137 @@ def test_bf16_model_wrapped_in_float16module(work):
     assert next(lm16.model.parameters()).dtype == torch.bfloat16
     assert [r[0] for r in a.tokens.tolist()] == [r[0] for r in b.tokens.tolist()]
     torch.testing.assert_close(a.logprobs[:, 0], b.logprobs[:, 0], atol=0.1, rtol=0)
+
+
+class _Counting(torch.nn.Module):
+    """A wrapper (unwrapped by the engine like DDP) that records the length of every forward."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+        self.calls = []
+
+    def forward(self, ids, *args, **kwargs):
+        self.calls.append(ids.shape[1])
+        return self.module(ids, *args, **kwargs)
+
+
+SPREAD = (1, 23, 4, 40, 2)  # very different prompt lengths
+
+
+@pytest.mark.parametrize("case,flash", [("llama", False), ("llama", True), ("bloom", False),
+                                        ("galactica", False), ("falcon_rw", False),
+                                        ("glm", True)])
+def test_left_padded_batch_equals_each_prompt_alone(work, case, flash):
+    """RoPE (per-row rotary table), ALiBi (per-row key positions; Falcon-RW rounds its bias in
+    bfloat16), learned positions with OPT's offset: row by row, the batch gives the greedy tokens
+    and log-probs of the prompt run alone; one prefill over the longest prompt, then
+    max_new_tokens - 1 decode forwards."""
+    from megatron_patch.generation import SamplingParams, generate
+    from megatron_patch.generation.engine import left_padding_supported
+
+    lm, _ = _model(work, case, flash)
+    assert left_padding_supported(lm.model)
+    prompts = _prompts(lm.vocab_size, lens=SPREAD, seed=9)
+    params = SamplingParams(max_new_tokens=NEW, greedy=True)
+    counted = _Counting(lm.model)
+    batch = generate(counted, prompts, params, vocab_size=lm.vocab_size)
+    assert counted.calls == [max(SPREAD)] + [1] * (NEW - 1)
+    assert batch.prompt_lengths.tolist() == list(SPREAD)
+    assert batch.lengths.tolist() == [NEW] * len(SPREAD)
+    assert batch.finish_reasons == ["length"] * len(SPREAD)
+    for i, p in enumerate(prompts):
+        alone = generate(lm.model, [p], params, vocab_size=lm.vocab_size)
+        assert batch.row(i) == alone.row(0), f"{case} row {i} (prompt length {len(p)})"
+        torch.testing.assert_close(batch.logprobs[i], alone.logprobs[0], atol=1e-5, rtol=0)
+    ids, mask = batch.sequences(prompts)
+    assert ids.shape == (len(SPREAD), max(SPREAD) + NEW)
+    assert mask.sum(1).tolist() == [n + NEW for n in SPREAD]
+    assert ids[3, :40].tolist() == prompts[3] and ids[0, 1:1 + NEW].tolist() == batch.row(0)
+
+
+def test_decode_forwards_and_stops(work):
+    """max_new_tokens forwards in all (the prefill and max_new_tokens - 1 decode steps), fewer when
+    every row stops early; a 1-token budget is the prefill alone. Mistral's sliding window keeps the
+    right-padded scheme (its core attention replaces the mask), which reads the longer prompts one
+    token per step, and still equals the single-prompt runs."""
+    from megatron_patch.generation import SamplingParams, generate
+    from megatron_patch.generation.engine import GPU_DONE_CHECK_EVERY, left_padding_supported
+
+    lm, _ = _model(work, "llama")
+    prompts = _prompts(lm.vocab_size, lens=SPREAD, seed=10)
+    counted = _Counting(lm.model)
+    full = generate(counted, prompts, SamplingParams(max_new_tokens=NEW, greedy=True),
+                    vocab_size=lm.vocab_size)
+    assert counted.calls == [40] + [1] * (NEW - 1)
+    counted.calls.clear()
+    generate(counted, prompts, SamplingParams(max_new_tokens=1, greedy=True),
+             vocab_size=lm.vocab_size)
+    assert counted.calls == [40]
+    # every row stops at its third token: the loop ends at the next "all done?" check (after every
+    # step on the CPU, every GPU_DONE_CHECK_EVERY steps on a GPU)
+    counted.calls.clear()
+    out = generate(counted, prompts, SamplingParams(max_new_tokens=NEW, greedy=True),
+                   vocab_size=lm.vocab_size, stop_fn=lambda i, ids: len(ids) == 3)
+    every = 1 if next(lm.model.parameters()).device.type == "cpu" else GPU_DONE_CHECK_EVERY
+    last_step = next(k for k in range(2, NEW) if k % every == every - 1 or k == NEW - 1)
+    assert counted.calls == [40] + [1] * last_step
+    assert out.lengths.tolist() == [3] * len(SPREAD) and out.finish_reasons == ["stop"] * 5
+    assert out.tokens[:, :3].tolist() == full.tokens[:, :3].tolist()
+    assert out.tokens[:, 3:].eq(0).all()
+    # stop tokens end rows at different steps; the others go on to the full length
+    stop = full.row(1)[2]
+    cut = generate(lm.model, prompts, SamplingParams(max_new_tokens=NEW, greedy=True,
+                                                     stop_token_ids=[stop]),
+                   vocab_size=lm.vocab_size)
+    for i in range(len(prompts)):
+        row = full.row(i)
+        expect = row[: row.index(stop) + 1] if stop in row else row
+        assert cut.row(i) == expect
+        torch.testing.assert_close(cut.logprobs[i, : len(expect)], full.logprobs[i, : len(expect)])
+
+    lm, _ = _model(work, "mistral")
+    assert not left_padding_supported(lm.model)
+    prompts = _prompts(lm.vocab_size, lens=(3, 9, 5), seed=11)
+    counted = _Counting(lm.model)
+    params = SamplingParams(max_new_tokens=NEW, greedy=True)
+    batch = generate(counted, prompts, params, vocab_size=lm.vocab_size)
+    assert counted.calls == [3] + [1] * (9 - 3 + NEW - 1)
+    for i, p in enumerate(prompts):
+        assert batch.row(i) == generate(lm.model, [p], params, vocab_size=lm.vocab_size).row(0)
+
+
+def test_alibi_bf16_bias_uses_each_rows_positions(work):
+    """Falcon-RW forms slope * j in bfloat16, exact only for j < 256 (power-of-two head counts):
+    a short prompt left-padded past slot 256 must get its bias at its own key positions (at the
+    cache slots its log-probs move by ~4e-3), and equals the prompt run alone."""
+    from megatron_patch.generation import SamplingParams, generate
+
+    lm, _ = _model(work, "falcon_rw")
+    prompts = _prompts(lm.vocab_size, lens=(3, 301), seed=3)
+    params = SamplingParams(max_new_tokens=4, greedy=True)
+    batch = generate(lm.model, prompts, params, vocab_size=lm.vocab_size)
+    alone = generate(lm.model, prompts[:1], params, vocab_size=lm.vocab_size)
+    assert batch.row(0) == alone.row(0)
+    torch.testing.assert_close(batch.logprobs[0], alone.logprobs[0], atol=1e-5, rtol=0)
+
+
+def test_per_row_rotary_table(work):
+    """While generating a left-padded batch, megatron-core's rotary table [S, 1, 1, d] (by cache
+    slot) is replaced by [S, b, 1, d] with row i's slot j at position max(j - pad_i, 0); restored
+    afterwards."""
+    from megatron_patch.generation.engine import _row_positions
+
+    lm, _ = _model(work, "llama")
+    rope = lm.model.rotary_pos_emb
+    S = 12
+    base = rope(S)  # [S, 1, 1, d]
+    pads = torch.tensor([0, 5, 11])
+    pos = (torch.arange(S)[None] - pads[:, None]).clamp(min=0)
+    with _row_positions(lm.model, pos):
+        table = lm.model.rotary_pos_emb(S)
+    assert table.shape == (S, 3, 1, base.shape[-1])
+    for i in range(3):
+        for j in range(S):
+            assert torch.equal(table[j, i, 0], base[max(j - int(pads[i]), 0), 0, 0])
+    assert "forward" not in rope.__dict__ and rope(S) is base

@@ -11,10 +11,16 @@ softmax ignores; it is how Bloom and Falcon compute it.
 Bloom adds the bias after the ``1/sqrt(d)`` scaling; Falcon's ALiBi variant adds it before (so the
 bias is scaled too): ``scale_with_softmax=True``; Falcon also forms ``slope * j`` in bfloat16 (as
 the Falcon-RW models were trained, and as transformers does), which ``bf16_bias=True`` reproduces.
+
+``key_positions(model, positions)``: for the duration, ``j`` is ``positions[row, slot]`` instead of
+the key's slot: generation with left-padded rows gives each key its position in its own prompt, so
+that the bias (rounded in bfloat16 for Falcon) is exactly the one of the unpadded row.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Optional
 
 import torch
 from megatron.core import parallel_state
@@ -37,7 +43,12 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
 
 class _AlibiSoftmax(torch.nn.Module):
-    """Wraps megatron's ``FusedScaleMaskSoftmax``: scores [b, np, sq, sk] + slopes[np] * j."""
+    """Wraps megatron's ``FusedScaleMaskSoftmax``: scores [b, np, sq, sk] + slopes[np] * j.
+
+    ``positions``: None (j = the key's slot 0..sk-1) or [b, >= sk] int64, j = positions[:, :sk]
+    (set by ``key_positions``)."""
+
+    positions: Optional[torch.Tensor] = None
 
     def __init__(self, inner: torch.nn.Module, slopes: torch.Tensor, scale: float,
                  bf16_bias: bool = False):
@@ -50,12 +61,14 @@ class _AlibiSoftmax(torch.nn.Module):
     def forward(self, scores, mask, softmax_offset=None):
         sk = scores.size(-1)
         slopes = self.slopes.to(scores.device).view(1, -1, 1, 1)  # [1, np, 1, 1]
-        if self.bf16_bias:
-            pos = torch.arange(sk, device=scores.device)
-            bias = (slopes.bfloat16() * pos.view(1, 1, 1, sk)).float()  # [1, np, 1, sk]
+        if self.positions is None:
+            pos = torch.arange(sk, device=scores.device).view(1, 1, 1, sk)
         else:
-            pos = torch.arange(sk, device=scores.device, dtype=torch.float32)
-            bias = slopes * pos.view(1, 1, 1, sk)  # [1, np, 1, sk]
+            pos = self.positions[:, :sk].to(scores.device)[:, None, None, :]  # [b, 1, 1, sk]
+        if self.bf16_bias:
+            bias = (slopes.bfloat16() * pos).float()  # [1 or b, np, 1, sk]
+        else:
+            bias = slopes * pos.float()  # [1 or b, np, 1, sk]
         if self.scale != 1.0:
             bias = bias * self.scale
         return self.inner(scores + bias.to(scores.dtype), mask, softmax_offset)
@@ -86,3 +99,17 @@ class ScaledAlibiDotProductAttention(AlibiDotProductAttention):
 
     scale_with_softmax = True
     bf16_bias = True
+
+
+@contextlib.contextmanager
+def key_positions(model, positions: torch.Tensor):
+    """ALiBi key positions [b, S] (S >= every key length of the calls) for every ALiBi core of
+    ``model`` for the duration; yields whether the model has any."""
+    cores = [m for m in model.modules() if isinstance(m, _AlibiSoftmax)]
+    for m in cores:
+        m.positions = positions
+    try:
+        yield bool(cores)
+    finally:
+        for m in cores:
+            m.positions = None
