@@ -136,8 +136,11 @@ def test_sft_resume_is_exact_and_validation_improves(ws):
 
 
 def test_reward_model_learns_a_preference(ws):
-    if "sft_ckpt" not in ws:
-        pytest.skip("needs the SFT checkpoint of test_sft_resume_is_exact_and_validation_improves")
+    if "sft_ckpt" not in ws:  # run alone: train the SFT checkpoint the resume test leaves
+        ck = os.path.join(ws["tmp"], "sft_for_rm", "ckpt")
+        sft(ws, "sft_for_rm", 1, "--epochs", "3", "--micro-batch-size", "4",
+            "--global-batch-size", "16", "--save", ck)
+        ws["sft_ckpt"] = ck
     ck = os.path.join(ws["tmp"], "rm", "ckpt")
     log = os.path.join(ws["tmp"], "rm", "log")
     launch_local(["-m", "megatron_patch.training.finetune", "--task", "reward",

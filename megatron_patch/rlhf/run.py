@@ -261,27 +261,15 @@ def main(argv: Optional[list] = None) -> int:
             print(plan.root, flush=True)
         return 0
 
-    import torch.distributed as dist
-
-    from megatron_patch.convert import layout
+    from megatron_patch.cli import run_entry
     from megatron_patch.rlhf import trainer as T
-    from megatron_patch.training.arguments import ArgumentError
 
     a = plan.args
-    try:
+
+    def body():
         T.run(plan.ppo, a["policy"], a.get("reward"), a.get("value"), plan.prompts, plan.root,
               plan.log_dir, plan.tensorboard_dir, reference_args=a["reference"])
-    except (ArgumentError, layout.CheckpointError, FileNotFoundError, ValueError) as e:
-        if os.environ.get("MEGATRON_PATCH_DEBUG"):
-            raise
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        plan.cleanup()
-    return 0
+    return run_entry(body, cleanup=plan.cleanup)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_patch import platform
+from megatron_patch.cli import run_entry
 from megatron_patch.convert import layout
 from megatron_patch.generation import SamplingParams, generate
 from megatron_patch.models.builder import build_gpt_model, padded_vocab
@@ -739,7 +740,8 @@ def role_args(ckpt: Optional[str], cli, lr: float):
 def main(argv: Optional[list] = None) -> int:
     cli = build_cli().parse_args(argv)
     cfg = PPOConfig(**{f.name: getattr(cli, f.name) for f in dataclasses.fields(PPOConfig)})
-    try:
+
+    def body():
         if cfg.max_prompt_length is None:
             if not cli.seq_length or cli.seq_length <= cfg.max_new_tokens:
                 raise ArgumentError("give --max-prompt-length, or --seq-length larger than "
@@ -751,16 +753,8 @@ def main(argv: Optional[list] = None) -> int:
         value = role_args(value_src, cli, cli.value_lr or cli.lr)
         run(cfg, role_args(cli.policy, cli, cli.lr), reward, value, cli.prompts, cli.save,
             cli.log_dir, cli.tensorboard_dir)
-    except (ArgumentError, layout.CheckpointError, FileNotFoundError, ValueError) as e:
-        if os.environ.get("MEGATRON_PATCH_DEBUG"):
-            raise
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+
+    return run_entry(body)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,8 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_patch import platform
+from megatron_patch.cli import run_entry
 from megatron_patch.convert import layout
-from megatron_patch.convert.layout import CheckpointError
 from megatron_patch.data import sft as sft_data
 from megatron_patch.data.pretrain import data_iterator
 from megatron_patch.data.reward import RewardDataset
@@ -190,7 +190,8 @@ def main(argv: Optional[list] = None) -> int:
     parser = build_parser("megatron_patch fine-tuning (SFT / reward model)")
     add_finetune_args(parser)
     args = parser.parse_args(argv)
-    try:
+
+    def body():
         if args.eval_only:
             if not args.valid_data:
                 raise ArgumentError("--eval-only needs --valid-data FILE [FILE ...]")
@@ -317,16 +318,8 @@ def main(argv: Optional[list] = None) -> int:
         engine.train(args, arch, model, optimizer, scheduler, config, train_iter, valid_factory,
                      step, state, save_meta, vocab, loss_key="rm loss" if reward else "lm loss")
         print_rank_last(f"> {args.task} finished at iteration {state.iteration}")
-    except (ArgumentError, CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
-        if os.environ.get("MEGATRON_PATCH_DEBUG"):
-            raise
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"error: {str(e).strip(chr(39) + chr(34))}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+
+    return run_entry(body)
 
 
 if __name__ == "__main__":

@@ -13,16 +13,15 @@ from collections import OrderedDict
 from typing import Optional
 
 import megatron_patch  # noqa: F401  (patches megatron-core before it is used)
-import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_patch.cli import run_entry
 from megatron_patch.convert import layout
-from megatron_patch.convert.layout import CheckpointError
 from megatron_patch.data.pretrain import build_pretrain_datasets, data_iterator
 from megatron_patch.models.builder import padded_vocab
 from megatron_patch.training import checkpointing, engine
 from megatron_patch.training.arguments import ArgumentError, build_parser
-from megatron_patch.training.logging import print_rank_0, print_rank_last
+from megatron_patch.training.logging import print_rank_last
 
 
 class VocabOnlyTokenizer:
@@ -67,7 +66,8 @@ def load_tokenizer(args, arch):
 def main(argv: Optional[list] = None) -> int:
     parser = build_parser("megatron_patch continued pretraining")
     args = parser.parse_args(argv)
-    try:
+
+    def body():
         arch = engine.resolve_arch(args)  # first: it resolves the virtual pipeline size
         engine.initialize(args)
         tokenizer, original_vocab = load_tokenizer(args, arch)
@@ -126,17 +126,8 @@ def main(argv: Optional[list] = None) -> int:
         engine.train(args, arch, model, optimizer, scheduler, config, train_iter, valid_factory,
                      engine.gpt_forward_step, state, save_meta, vocab)
         print_rank_last(f"> training finished at iteration {state.iteration}")
-    except (ArgumentError, CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
-        if os.environ.get("MEGATRON_PATCH_DEBUG"):
-            raise
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            msg = str(e).strip("'\"")
-            print(f"error: {msg}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+
+    return run_entry(body)
 
 
 if __name__ == "__main__":
