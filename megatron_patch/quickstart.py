@@ -63,6 +63,10 @@ class Context:
 
 def _env() -> dict:
     env = dict(os.environ)
+    # each step starts its own world (a torchrun, or a world of one): a distributed environment
+    # this process may carry (its own process group's port) must not leak into them
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("TORCHDYNAMO_DISABLE", "1")
     env["PYTHON"] = sys.executable
