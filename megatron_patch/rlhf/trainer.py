@@ -390,7 +390,7 @@ class RLHFTrainer:
         validate(args, dist.get_world_size())  # precision, data parallel size, schedule
         if arch is None:
             arch = engine.resolve_arch(args)
-        src = args.load if layout.has_checkpoint(args.load) else args.pretrained_checkpoint
+        src = engine.checkpoint_source(args)
         meta = layout.read_meta(src) if src else {}
         vocab = meta.get("padded_vocab_size") or self.padded_vocab
         config = engine.build_config(args, arch)

@@ -278,6 +278,56 @@ class TrainState:
     consumed_valid_samples: int = 0
 
 
+def checkpoint_source(args) -> Optional[str]:
+    """The checkpoint this run starts from: its own --load when that holds one, else
+    --pretrained-checkpoint (None: from scratch)."""
+    return args.load if layout.has_checkpoint(args.load) else args.pretrained_checkpoint
+
+
+def model_vocab(args, arch: MegatronArch, original_vocab: int) -> int:
+    """The padded vocabulary the model is built with: the checkpoint's when it was written at this
+    TP, else the tokenizer's padded. A model built from scratch takes the tokenizer's vocabulary."""
+    vocab = padded_vocab(max(original_vocab, 1), args.make_vocab_size_divisible_by,
+                         args.tensor_model_parallel_size)
+    src = checkpoint_source(args)
+    if src:
+        meta = layout.read_meta(src)
+        if meta.get("padded_vocab_size") and meta.get("tensor_model_parallel_size") == \
+                args.tensor_model_parallel_size:
+            vocab = meta["padded_vocab_size"]
+    if not arch.extra.get("from_checkpoint"):
+        arch.model["vocab_size"] = original_vocab
+        arch.hf_config["vocab_size"] = original_vocab
+    return vocab
+
+
+def restore(args, model, optimizer, scheduler, value_head: bool = False) -> "TrainState":
+    """Resume from the run's own --load checkpoint (model, optimizer, scheduler, RNG, data
+    position), or start from another checkpoint's weights only (--pretrained-checkpoint, or --load
+    with --finetune). ``value_head``: a reward/value model, which takes a language model's weights
+    with a new head."""
+    state = TrainState()
+    if layout.has_checkpoint(args.load) and not args.finetune:
+        common = checkpointing.load_checkpoint(
+            args.load, model, optimizer, scheduler,
+            load_optim=not args.no_load_optim, load_rng=not args.no_load_rng)
+        state.iteration = common["iteration"]
+        state.consumed_train_samples = int(common.get("consumed_train_samples", 0))
+        state.consumed_valid_samples = int(common.get("consumed_valid_samples", 0))
+        print_rank_last(f"> resumed from {args.load} at iteration {state.iteration}")
+        return state
+    src = checkpoint_source(args)
+    if src:
+        tolerate = None
+        if value_head and not layout.read_meta(src).get("reward_model"):
+            tolerate = checkpointing.HEAD_SWAP
+        checkpointing.load_weights_only(src, model, tolerate=tolerate)
+        optimizer.reload_model_params()
+        print_rank_last(f"> initialised weights from {src} (optimizer not loaded"
+                        f"{'; new value head' if tolerate else ''})")
+    return state
+
+
 def model_flops_per_iteration(arch: MegatronArch, seq: int, gbs: int, vocab: int) -> float:
     """Model FLOPs of one training iteration (forward + backward = 3x forward; no recompute)."""
     c = arch.config

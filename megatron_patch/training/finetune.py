@@ -38,8 +38,8 @@ from megatron_patch.convert import layout
 from megatron_patch.data import sft as sft_data
 from megatron_patch.data.pretrain import data_iterator
 from megatron_patch.data.reward import RewardDataset
-from megatron_patch.models.builder import build_gpt_model, padded_vocab
-from megatron_patch.training import checkpointing, engine
+from megatron_patch.models.builder import build_gpt_model
+from megatron_patch.training import engine
 from megatron_patch.training.arguments import ArgumentError, build_parser, derive_schedule
 from megatron_patch.training.logging import print_rank_last
 from megatron_patch.training.losses import gather_last, masked_token_loss, pairwise_reward_loss
@@ -213,17 +213,8 @@ def main(argv: Optional[list] = None) -> int:
         arch = engine.resolve_arch(args)
         engine.initialize(args)
         tokenizer, original_vocab = load_tokenizer(args, arch)
-        vocab = padded_vocab(max(original_vocab, 1), args.make_vocab_size_divisible_by,
-                             args.tensor_model_parallel_size)
-        src = args.load if layout.has_checkpoint(args.load) else args.pretrained_checkpoint
-        if src:
-            meta = layout.read_meta(src)
-            if meta.get("padded_vocab_size") and meta.get("tensor_model_parallel_size") == \
-                    args.tensor_model_parallel_size:
-                vocab = meta["padded_vocab_size"]
-        if not arch.extra.get("from_checkpoint"):
-            arch.model["vocab_size"] = original_vocab
-            arch.hf_config["vocab_size"] = original_vocab
+        vocab = engine.model_vocab(args, arch, original_vocab)
+        src = engine.checkpoint_source(args)
 
         train_ds, valid_ds = build_datasets(args, tokenizer)
         if args.task == "reward":
@@ -265,22 +256,7 @@ def main(argv: Optional[list] = None) -> int:
                         f"{len(valid_ds.dataset) if valid_ds is not None else 0} validation "
                         "samples")
 
-        state = engine.TrainState()
-        if layout.has_checkpoint(args.load) and not args.finetune:
-            common = checkpointing.load_checkpoint(
-                args.load, model, optimizer, scheduler,
-                load_optim=not args.no_load_optim, load_rng=not args.no_load_rng)
-            state.iteration = common["iteration"]
-            state.consumed_train_samples = int(common.get("consumed_train_samples", 0))
-            print_rank_last(f"> resumed from {args.load} at iteration {state.iteration}")
-        elif src:
-            tolerate = None
-            if reward and not layout.read_meta(src).get("reward_model"):
-                tolerate = checkpointing.HEAD_SWAP
-            checkpointing.load_weights_only(src, model, tolerate=tolerate)
-            optimizer.reload_model_params()
-            print_rank_last(f"> initialised weights from {src} (optimizer not loaded"
-                            f"{'; new value head' if tolerate else ''})")
+        state = engine.restore(args, model, optimizer, scheduler, value_head=reward)
 
         dp_rank = parallel_state.get_data_parallel_rank()
         dp = parallel_state.get_data_parallel_world_size()

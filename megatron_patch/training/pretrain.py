@@ -16,10 +16,8 @@ import megatron_patch  # noqa: F401  (patches megatron-core before it is used)
 from megatron.core import parallel_state
 
 from megatron_patch.cli import run_entry
-from megatron_patch.convert import layout
 from megatron_patch.data.pretrain import build_pretrain_datasets, data_iterator
-from megatron_patch.models.builder import padded_vocab
-from megatron_patch.training import checkpointing, engine
+from megatron_patch.training import engine
 from megatron_patch.training.arguments import ArgumentError, build_parser
 from megatron_patch.training.logging import print_rank_last
 
@@ -71,37 +69,14 @@ def main(argv: Optional[list] = None) -> int:
         arch = engine.resolve_arch(args)  # first: it resolves the virtual pipeline size
         engine.initialize(args)
         tokenizer, original_vocab = load_tokenizer(args, arch)
-        vocab = padded_vocab(max(original_vocab, 1), args.make_vocab_size_divisible_by,
-                             args.tensor_model_parallel_size)
-        if args.pretrained_checkpoint or layout.has_checkpoint(args.load):
-            meta = layout.read_meta(args.load if layout.has_checkpoint(args.load)
-                                    else args.pretrained_checkpoint)
-            if meta.get("padded_vocab_size") and meta.get("tensor_model_parallel_size") == \
-                    args.tensor_model_parallel_size:
-                vocab = meta["padded_vocab_size"]
-        if not arch.extra.get("from_checkpoint"):
-            arch.model["vocab_size"] = original_vocab  # a new model: its vocabulary is the tokenizer's
-            arch.hf_config["vocab_size"] = original_vocab
+        vocab = engine.model_vocab(args, arch, original_vocab)
         config = engine.build_config(args, arch)
         model = engine.build_model(args, arch, config, vocab)
         optimizer, scheduler = engine.build_optimizer(args, model)
         engine.wire_config(config, model, optimizer)
         engine.print_banner(args, arch, model)
 
-        state = engine.TrainState()
-        if layout.has_checkpoint(args.load) and not args.finetune:
-            common = checkpointing.load_checkpoint(
-                args.load, model, optimizer, scheduler,
-                load_optim=not args.no_load_optim, load_rng=not args.no_load_rng)
-            state.iteration = common["iteration"]
-            state.consumed_train_samples = int(common.get("consumed_train_samples", 0))
-            state.consumed_valid_samples = int(common.get("consumed_valid_samples", 0))
-            print_rank_last(f"> resumed from {args.load} at iteration {state.iteration}")
-        elif args.pretrained_checkpoint or (args.finetune and layout.has_checkpoint(args.load)):
-            src = args.pretrained_checkpoint or args.load
-            checkpointing.load_weights_only(src, model)
-            optimizer.reload_model_params()
-            print_rank_last(f"> initialised weights from {src} (optimizer not loaded)")
+        state = engine.restore(args, model, optimizer, scheduler)
 
         gbs = args.global_batch_size
         eval_runs = args.train_iters // args.eval_interval + 1 if args.eval_interval else 0
