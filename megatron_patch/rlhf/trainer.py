@@ -224,11 +224,11 @@ def _batches(exp: Dict[str, torch.Tensor], index: torch.Tensor, micro: int):
 
 
 def _token_logprobs(model, tokens, position_ids):
-    """log p(tokens[:, t+1] | tokens[:, :t+1]) for t < s - 1, from the vocab-parallel cross entropy
-    (-loss); the last column (no next token) is 0. [b, s]."""
+    """The negative log-likelihood -log p(tokens[:, t+1] | tokens[:, :t+1]) per position, from the
+    vocab-parallel cross entropy, [b, s] on the last stage. The last column scores the wrapped-around
+    first token and is never in a response mask."""
     labels = torch.roll(tokens, -1, dims=1)
-    out = model(tokens, position_ids, None, labels=labels)  # [b, s] per-token loss (last stage)
-    return out
+    return model(tokens, position_ids, None, labels=labels)
 
 
 def _run(role: Role, exp: Dict[str, torch.Tensor], index: torch.Tensor, forward_only: bool,
