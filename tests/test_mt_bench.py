@@ -316,6 +316,8 @@ def test_run_input_errors(tmp_path):
         (base + ["--model", "m", "--category-temperature", "math"] + judge,
          "--category-temperature 'math'"),
         (base + ["--mode", "answer", "--model", "m"], "--mode answer needs --model NAME=CKPT"),
+        (base + ["--mode", "answer", "--model", f"m={tmp_path}", "--tp", "2"],
+         "1 processes for TP=2 x PP=1: run under torchrun --nproc-per-node 2"),
     ]
     for argv, msg in cases:
         with pytest.raises(EvaluationError) as e:
@@ -599,3 +601,20 @@ def test_judge_503_twice_then_real_server(ckpts, good_judge, tmp_path):
     assert 0.3 <= hits[1] - hits[0] < hits[2] - hits[1] and hits[2] - hits[1] >= 0.6
     assert "**" not in res["table"]  # one model: nothing to compare, no bold
     assert "| sft | - | - | - | - | - | - | - | 7.00 | 7.00 | 7.00 | 0 |" in res["table"]
+
+
+def test_answers_at_tp2_under_torchrun(ckpts, tmp_path):
+    """--tp 2 under torchrun (2 CPU processes; the TP=1 checkpoint is resharded on load): the same
+    answers as in-process TP=1, written once, by rank 0."""
+    out = tmp_path / "run"
+    q = _questions(tmp_path, 4)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc-per-node", "2", CLI, "--question-file", q, "--out", str(out),
+                        "--mode", "answer", "--tp", "2", "--max-new-tokens", "6",
+                        "--model", f"rlhf={ckpts['bad']}"],
+                       capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = (out / "answers" / "rlhf.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    assert [json.loads(x)["choices"][0]["turns"] for x in lines] == [["I refuse."] * 2] * 4
+    assert r.stdout.count("answers: rlhf: 4/4 questions") == 1

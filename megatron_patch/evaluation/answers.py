@@ -16,7 +16,8 @@ question's turns are done, in the answer format MT-Bench tools read::
      "choices": [{"index": 0, "turns": ["turn-1 answer", "turn-2 answer"]}], "tstamp": ...,
      "generation": {"checkpoint": ..., "temperature": 0.0, "max_new_tokens": 512}}
 
-A rerun skips the question ids already in the file (an interrupted last line is ignored, and cut
+With ``tp``/``pp`` > 1 the command runs under torchrun as TP x PP processes: every rank generates the
+same batches in lockstep and rank 0 writes. A rerun skips the question ids already in the file (an interrupted last line is ignored, and cut
 off by the next append).
 """
 from __future__ import annotations
@@ -51,6 +52,8 @@ class GenerationSettings:
     system_prompt: Optional[str] = None
     seed: int = 1234
     precision: str = "auto"
+    tp: int = 1  # tensor / pipeline parallel: run under torchrun with TP x PP processes
+    pp: int = 1
 
     def temperature_for(self, q: Question) -> float:
         return float(self.category_temperature.get(q.category_key, self.temperature))
@@ -133,12 +136,20 @@ def generate_answers(model_name: str, ckpt: str, questions: Sequence[Question], 
     from megatron_patch.generation.loader import (GenerationSetupError, load_for_generation,
                                                   load_tokenizer)
 
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != settings.tp * settings.pp:
+        raise EvaluationError(f"{world} processes for TP={settings.tp} x PP={settings.pp}: run "
+                              f"under torchrun --nproc-per-node {settings.tp * settings.pp}")
     try:
-        tokenizer = load_tokenizer(settings.tokenizer, ckpt)
-        lm = load_for_generation(ckpt, precision=_precision(ckpt, settings.precision), flash=True,
+        tokenizer = load_tokenizer(settings.tokenizer, ckpt, settings.tp)
+        lm = load_for_generation(ckpt, tp=settings.tp, pp=settings.pp,
+                                 precision=_precision(ckpt, settings.precision), flash=True,
                                  seed=settings.seed, log=log)
     except GenerationSetupError as e:
         raise EvaluationError(f"model {model_name}: {e}") from None
+    writer = dist.get_rank() == 0  # every rank generates (in lockstep), rank 0 writes
     seq_len = settings.seq_length or lm.max_position_embeddings or 2048
     max_prompt = seq_len - settings.max_new_tokens
     if max_prompt < 1:
@@ -193,6 +204,8 @@ def generate_answers(model_name: str, ckpt: str, questions: Sequence[Question], 
                     replies[i].append(text)
                     histories[i].append({"role": "assistant", "content": text})
             for q, turns in zip(batch, replies):
+                if not writer:
+                    continue
                 _append(path, {"question_id": q.question_id, "answer_id": uuid.uuid4().hex[:22],
                                "model_id": model_name, "category": q.category,
                                "choices": [{"index": 0, "turns": turns}], "tstamp": time.time(),

@@ -166,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system-prompt", default=None, help="a system message before turn 1")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    g.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1,
+                   help="tensor-parallel size for answer generation (run under torchrun with "
+                        "TP x PP processes; rank 0 judges)")
+    g.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1)
     j = p.add_argument_group("judge (any OpenAI-compatible chat-completions endpoint)")
     j.add_argument("--judge-base-url", default=os.environ.get("OPENAI_BASE_URL"),
                    help="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1 "
@@ -214,6 +218,10 @@ def _judge_config(args) -> judge_mod.JudgeConfig:
     return cfg
 
 
+def _silent(*a, **k) -> None:
+    pass
+
+
 def run(args, log=print) -> dict:
     """The whole run (see the module docstring); returns {'table', 'rows', 'counts'}."""
     # every check before a model is loaded or a request is sent
@@ -225,13 +233,18 @@ def run(args, log=print) -> dict:
     for name, ckpt in models:
         if ckpt is not None and not os.path.isdir(ckpt):
             raise EvaluationError(f"model {name}: checkpoint folder {ckpt} does not exist")
-    if args.batch_size < 1 or args.max_new_tokens < 1 or args.parallel < 1:
-        raise EvaluationError("--batch-size, --max-new-tokens and --parallel must be >= 1")
+    if min(args.batch_size, args.max_new_tokens, args.parallel, args.tp, args.pp) < 1:
+        raise EvaluationError("--batch-size, --max-new-tokens, --parallel, --tp and --pp must be "
+                              ">= 1")
     settings = answers_mod.GenerationSettings(
         tokenizer=args.tokenizer, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         seq_length=args.seq_length, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, category_temperature=_category_temperatures(args),
-        system_prompt=args.system_prompt, seed=args.seed, precision=args.precision)
+        system_prompt=args.system_prompt, seed=args.seed, precision=args.precision,
+        tp=args.tp, pp=args.pp)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        log = _silent  # the other ranks of a TP/PP launch only help generate
     if args.temperature < 0:
         raise EvaluationError("--temperature must be >= 0")
     cfg = None if args.mode == "answer" else _judge_config(args)
@@ -251,8 +264,8 @@ def run(args, log=print) -> dict:
                 answers_mod.generate_answers(name, ckpt, questions,
                                              os.path.join(answer_dir, f"{name}.jsonl"), settings,
                                              log=log)
-        if args.mode == "answer":
-            return {"table": None, "rows": [], "counts": {}}
+    if args.mode == "answer" or rank != 0:
+        return {"table": None, "rows": [], "counts": {}}
     per_model: Dict[str, Dict[str, List[str]]] = {}
     for name, _ in models:
         path = os.path.join(answer_dir, f"{name}.jsonl")
