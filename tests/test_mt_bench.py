@@ -300,7 +300,8 @@ def test_sample_question_file():
     assert sorted(cats) == sorted(mt_bench.CATEGORIES) and all(len(v) == 2 for v in cats.values())
 
 
-def test_run_input_errors(tmp_path):
+def test_run_input_errors(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     q = _write(tmp_path / "q.jsonl", [{"question_id": 1, "category": "math", "turns": ["a"]}])
     base = ["--question-file", q, "--out", str(tmp_path / "o")]
     judge = ["--judge-base-url", "http://127.0.0.1:1/v1", "--judge-model", "j"]
@@ -527,8 +528,8 @@ def test_end_to_end_two_models_real_judge_and_resume(ckpts, good_judge, tmp_path
     res = mt_bench.run(_args(argv), log=quiet)
     assert res["counts"] == {"cached": 50, "asked": 14, "scored": 14, "failed": 0}
     # table only, from the cache, with no generation and no request
-    res = mt_bench.run(_args(_run_argv(SAMPLE, out, "http://127.0.0.1:1/v1", "judge-good",
-                                       "--mode", "table")), log=quiet)
+    res = mt_bench.run(_args(["--question-file", SAMPLE, "--out", str(out), "--judge-model",
+                              "judge-good", "--mode", "table"]), log=quiet)
     assert res["table"] == (out / mt_bench.TABLE_FILE).read_text().split("\n\n")[0] + "\n"
     assert [r.model for r in res["rows"]] == ["rlhf", "sft"]
 

@@ -208,7 +208,9 @@ def _category_temperatures(args) -> Dict[str, float]:
 
 
 def _judge_config(args) -> judge_mod.JudgeConfig:
-    cfg = judge_mod.JudgeConfig(base_url=args.judge_base_url or "", model=args.judge_model or "",
+    # --mode table asks nothing: the judge model (which names the cache) is all it needs
+    url = args.judge_base_url or ("http://unused" if args.mode == "table" else "")
+    cfg = judge_mod.JudgeConfig(base_url=url, model=args.judge_model or "",
                                 api_key=args.judge_api_key or None,
                                 temperature=args.judge_temperature,
                                 max_tokens=args.judge_max_tokens, timeout=args.judge_timeout,
