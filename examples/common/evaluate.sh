@@ -42,11 +42,9 @@ environment: TASK (sft: lm loss and perplexity | reward: accuracy and chosen-rej
   esac
   mp_precision "$PR"
 
-  local nnodes=1
-  [ "$ENV" = dlc ] && nnodes=${WORLD_SIZE:-1}
   mp_paths "$MEGATRON_PATH" "$MEGATRON_PATCH_PATH"
-  mp_launcher "$ENV" $((TP * PP))
-  local dp=$((NPROC * nnodes / (TP * PP)))
+  mp_launcher "$ENV" $((TP * PP))   # NPROC processes on each of NNODES nodes
+  local dp=$((NPROC * NNODES / (TP * PP)))
   [ "$dp" -ge 1 ] || dp=1
   local gbs=$((BATCH_SIZE * dp))
 

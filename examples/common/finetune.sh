@@ -55,14 +55,11 @@ environment: TASK (sft | reward, default sft), TOKENIZER_PATH (HF tokenizer fold
   mp_precision "$PR"
   mp_recompute "$AC"
 
-  # nodes, before mp_launcher unsets DLC's WORLD_SIZE
-  local nnodes=1
-  [ "$ENV" = dlc ] && nnodes=${WORLD_SIZE:-1}
   mp_paths "$MEGATRON_PATH" "$MEGATRON_PATCH_PATH"
-  mp_launcher "$ENV" $((TP * PP))
+  mp_launcher "$ENV" $((TP * PP))   # NPROC processes on each of NNODES nodes
   # global batch: BATCH_SIZE x data-parallel size (one micro batch per replica, no accumulation)
   # unless GLOBAL_BATCH_SIZE says otherwise
-  local dp=$((NPROC * nnodes / (TP * PP)))
+  local dp=$((NPROC * NNODES / (TP * PP)))
   [ "$dp" -ge 1 ] || dp=1  # too few processes for TP x PP: the entry point says so
   GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-$((BATCH_SIZE * dp))}
 

@@ -2,8 +2,10 @@
 #
 # mp_usage_check N "$#" USAGE  -> prints USAGE and exits 2 on -h/--help or a wrong argument count
 # mp_paths MEGATRON_PATH MEGATRON_PATCH_PATH -> PYTHONPATH ('-' means the installed package)
-# mp_launcher ENV NPROC_CPU    -> sets LAUNCH (torchrun command) for dsw (one machine) or dlc
-#                                 (multi-node, from the variables DLC sets)
+# mp_launcher ENV NPROC_CPU    -> sets LAUNCH (torchrun command), NPROC (processes on this node),
+#                                 NNODES and NODE_RANK for dsw (one machine) or dlc (multi-node,
+#                                 from WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT that DLC sets;
+#                                 a missing or bad one is one error line, exit 2)
 # mp_bool NAME VALUE           -> exits 2 unless VALUE is true or false
 # mp_precision PR / mp_recompute AC -> PR_ARGS / AC_ARGS (the PR and AC arguments as flags)
 
@@ -34,29 +36,59 @@ mp_gpu_count() {
   python3 -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)" 2>/dev/null || echo 0
 }
 
-mp_launcher() {
+mp_dlc_nodes() {  # checks what DLC sets for ENV=dlc -> NNODES, NODE_RANK (one error line, exit 2)
+  local v
+  for v in WORLD_SIZE RANK MASTER_ADDR MASTER_PORT; do
+    if [ -z "${!v:-}" ]; then
+      echo "error: ENV=dlc needs $v (set by DLC: WORLD_SIZE = nodes, RANK = node rank, MASTER_ADDR, MASTER_PORT)" >&2
+      exit 2
+    fi
+  done
+  if ! [[ "$WORLD_SIZE" =~ ^[1-9][0-9]*$ ]] || ! [[ "$RANK" =~ ^[0-9]+$ ]] || [ "$RANK" -ge "$WORLD_SIZE" ]; then
+    echo "error: ENV=dlc needs a node RANK in 0..WORLD_SIZE-1, got RANK='$RANK' WORLD_SIZE='$WORLD_SIZE'" >&2
+    exit 2
+  fi
+  if ! [[ "$MASTER_PORT" =~ ^[0-9]+$ ]] || [ "$MASTER_PORT" -lt 1 ] || [ "$MASTER_PORT" -gt 65535 ]; then
+    echo "error: ENV=dlc needs MASTER_PORT to be a port number, got '$MASTER_PORT'" >&2
+    exit 2
+  fi
+  NNODES=$WORLD_SIZE
+  NODE_RANK=$RANK
+}
+
+mp_launcher() {  # -> LAUNCH, NPROC (processes on this node), NNODES, NODE_RANK
   local env="$1" nproc_cpu="$2"
   local gpus
+  case "$env" in
+    dsw) NNODES=1; NODE_RANK=0 ;;
+    dlc) mp_dlc_nodes ;;
+    *)
+      echo "error: ENV must be dsw or dlc, got '$env'" >&2
+      exit 2 ;;
+  esac
   gpus=$(mp_gpu_count)
   if [ "$gpus" -gt 0 ]; then
+    # dlc: the node's GPUs as DLC counts them (KUBERNETES_CONTAINER_RESOURCE_GPU), else the visible ones
+    if [ "$env" = dlc ] && [[ "${KUBERNETES_CONTAINER_RESOURCE_GPU:-}" =~ ^[1-9][0-9]*$ ]]; then
+      gpus=$KUBERNETES_CONTAINER_RESOURCE_GPU
+    fi
     NPROC=${NPROC_PER_NODE:-$gpus}
   else
-    NPROC=${NPROC_PER_NODE:-$nproc_cpu}   # CPU: one process per TP x PP rank (more for data parallel)
+    # CPU: one process per TP x PP rank (more for data parallel); DLC's GPU count means nothing here
+    NPROC=${NPROC_PER_NODE:-$nproc_cpu}
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  fi
+  if ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: NPROC_PER_NODE must be a positive number of processes, got '$NPROC'" >&2
+    exit 2
   fi
   case "$env" in
     dsw)
       LAUNCH=(torchrun --standalone --nnodes 1 --nproc-per-node "$NPROC") ;;
     dlc)
-      NPROC=${KUBERNETES_CONTAINER_RESOURCE_GPU:-$NPROC}
-      LAUNCH=(torchrun --nnodes "${WORLD_SIZE:?dlc needs WORLD_SIZE (number of nodes)}"
-              --node-rank "${RANK:?dlc needs RANK (node rank)}"
-              --master-addr "${MASTER_ADDR:?dlc needs MASTER_ADDR}"
-              --master-port "${MASTER_PORT:?dlc needs MASTER_PORT}"
+      LAUNCH=(torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK"
+              --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
               --nproc-per-node "$NPROC") ;;
-    *)
-      echo "error: ENV must be dsw or dlc, got '$env'" >&2
-      exit 2 ;;
   esac
   export TORCHDYNAMO_DISABLE=${TORCHDYNAMO_DISABLE:-1}
   # torchrun sets RANK/WORLD_SIZE for its children; DLC's node-level values must not leak into them

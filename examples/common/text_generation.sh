@@ -2,7 +2,8 @@
 #
 # mp_text_generation FAMILY "$@"  -> checks the 17 positional arguments, binds them to UPPERCASE
 # variables and runs megatron_patch.generation.cli under one torchrun line (TP x PP ranks per replica;
-# on a machine without GPUs, TP CPU processes). Exit code preserved through `| tee`.
+# on a machine without GPUs, TP CPU processes). Exit code preserved through `| tee` into
+# OUTPUT_FILE.log (with ENV=dlc, node N > 0 writes OUTPUT_FILE.nodeN.log).
 HERE_TG="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=lib.sh
 source "$HERE_TG/lib.sh"
@@ -42,9 +43,11 @@ environment: PP (pipeline stages, default 1), NPROC_PER_NODE (default: all GPUs,
   # processes per node: all local GPUs (data-parallel replicas of TP x PP ranks), or TP x PP CPU
   # processes on a machine without GPUs; NPROC_PER_NODE overrides both
   mp_launcher "$ENV" $((TP * PP))
-  local out_dir
+  local out_dir console="${OUTPUT_FILE}.log"
   out_dir=$(dirname -- "$OUTPUT_FILE")
   mkdir -p -- "$out_dir"
+  # dlc: every node tees its own console; they would overwrite each other in one shared file
+  if [ "$NODE_RANK" -gt 0 ]; then console="${OUTPUT_FILE}.node${NODE_RANK}.log"; fi
 
   set -x
   # shellcheck disable=SC2086  # EXTRA_ARGS is split on purpose
@@ -56,6 +59,6 @@ environment: PP (pipeline stages, default 1), NPROC_PER_NODE (default: all GPUs,
     --input-seq-len "$INPUT_SEQ_LEN" --out-seq-length "$OUTPUT_SEQ_LEN" \
     --input-file "$INPUT_FILE" --output-file "$OUTPUT_FILE" \
     --top-p "$TOP_P" --temperature "$TEMPERATURE" --repetition-penalty "$REPETITION_PENALTY" \
-    ${EXTRA_ARGS:-} 2>&1 | tee "${OUTPUT_FILE}.log"
+    ${EXTRA_ARGS:-} 2>&1 | tee "$console"
   { set +x; } 2>/dev/null
 }

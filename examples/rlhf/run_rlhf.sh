@@ -40,9 +40,6 @@ fi
 IFS=, read -r -a DEVICE_LIST <<< "$DEVICES"
 COUNT=${#DEVICE_LIST[@]}
 ENV=${ENV:-dsw}
-NODES=1
-[ "$ENV" = dlc ] && NODES=${WORLD_SIZE:?dlc needs WORLD_SIZE (number of nodes)}
-export NUM_DEVICE=${NUM_DEVICE:-$((COUNT * NODES))}
 
 mp_paths "${MEGATRON_PATH:--}" "${MEGATRON_PATCH_PATH:-$ROOT}"
 if [ "$(mp_gpu_count)" -gt 0 ]; then
@@ -53,7 +50,8 @@ else
 fi
 mp_bool BF16 "$BF16"
 export NPROC_PER_NODE=$COUNT
-mp_launcher "$ENV" "$COUNT"
+mp_launcher "$ENV" "$COUNT"   # NNODES: 1, or DLC's WORLD_SIZE (then unset for torchrun's children)
+export NUM_DEVICE=${NUM_DEVICE:-$((COUNT * NNODES))}
 
 # pre-flight: the whole configuration, the checkpoints and the reward function, before torchrun
 # (one error line, exit 2); prints the output folder
