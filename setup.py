@@ -31,6 +31,7 @@ setup(
         "pyyaml",
         "tensorboard",
         "tqdm",
+        "matplotlib",  # the quickstart's curves.png
         "numpy",
     ],
     extras_require={

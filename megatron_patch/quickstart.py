@@ -21,7 +21,8 @@ Stages (each runs the project's real command-line tools and launch scripts as a 
 
 A finished stage leaves ``<run-dir>/<stage>/result.json`` and is reused when the quickstart runs again
 (``--force`` redoes every stage). Each stage ends with a one-line result; the run ends with a table,
-also written to ``<run-dir>/results.md``. Every child command's output goes to
+also written to ``<run-dir>/results.md``, with the curves (pretrain, SFT and reward-model losses, PPO reward and
+KL) plotted in ``<run-dir>/curves.png``. Every child command's output goes to
 ``<run-dir>/<stage>/<step>.log``; a failing step prints the end of its log and the exit is non-zero.
 """
 from __future__ import annotations
@@ -277,6 +278,7 @@ def stage_ppo(ctx: Context) -> dict:
     after = sum(e["reward_mean"] for e in eps[-k:]) / k
     return {"checkpoint": os.path.join(d, "checkpoint", "policy"), "reward_before": before,
             "reward_after": after, "kl_last": eps[-1]["kl"], "episodes": len(eps),
+            "rewards": [e["reward_mean"] for e in eps], "kls": [e["kl"] for e in eps],
             "line": f"{len(eps)} episodes: reward {before:.3f} -> {after:.3f} (mean of the first "
                     f"and last {k}), KL {eps[-1]['kl']:.3f}"}
 
@@ -406,6 +408,63 @@ def results_table(results: Dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_curves(results: Dict[str, dict], path: str) -> Optional[str]:
+    """The run's curves as one PNG (pretrain and SFT loss per iteration, reward-model loss and
+    validation accuracy, PPO reward and KL per episode); returns the path, or None with nothing to
+    plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    panels = []
+    if "pretrain" in results:
+        panels.append(("pretrain", "iteration", [("lm loss", results["pretrain"]["losses"])]))
+    if "sft" in results:
+        r = results["sft"]
+        panels.append(("SFT", "iteration", [("train loss", r["train_loss"]),
+                                            ("validation loss", _valid_points(r, "valid_lm_loss"))]))
+    if "reward" in results:
+        r = results["reward"]
+        panels.append(("reward model", "iteration",
+                       [("train loss", r["train_loss"]),
+                        ("validation accuracy", _valid_points(r, "valid_accuracy"))]))
+    if "ppo" in results and results["ppo"].get("rewards"):
+        r = results["ppo"]
+        panels.append(("PPO", "episode", [("reward mean", r["rewards"]), ("KL", r["kls"])]))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (title, xlabel, series) in zip(axes[0], panels):
+        twin = None
+        for k, (label, ys) in enumerate(series):
+            if isinstance(ys, tuple):  # (x, y) points, e.g. one validation per epoch
+                xs, ys = ys
+            else:
+                xs = list(range(1, len(ys) + 1))
+            if k == 0:
+                ax.plot(xs, ys, color="C0", label=label)
+                ax.set_ylabel(label, color="C0")
+            else:  # a second quantity on its own axis
+                twin = twin or ax.twinx()
+                twin.plot(xs, ys, color="C1", marker="o", label=label)
+                twin.set_ylabel(label, color="C1")
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _valid_points(r: dict, key: str):
+    pts = [(v["iteration"], v[key]) for v in r.get("valid", []) if key in v]
+    return ([x for x, _ in pts], [y for _, y in pts])
+
+
 def _cell(text: str) -> str:
     text = " ".join(str(text).split()).replace("|", "/")
     return (text[:60] + "...") if len(text) > 60 else (text or "(empty)")
@@ -479,10 +538,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.replace(tmp, result_file)
         print(f"    done in {res['seconds']:.0f}s: {res['line']}", flush=True)
     table = results_table(ctx.results)
+    png = plot_curves(ctx.results, os.path.join(run_dir, "curves.png"))
     with open(os.path.join(run_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(f"# Quickstart results\n\n{table}")
-    print(f"\n{table}\nwritten to {os.path.join(run_dir, 'results.md')} "
-          f"({time.time() - t_all:.0f}s)")
+        f.write(f"# Quickstart results\n\n{table}" + ("\n![curves](curves.png)\n" if png else ""))
+    print(f"\n{table}\nwritten to {os.path.join(run_dir, 'results.md')}"
+          + (f" and {png}" if png else "") + f" ({time.time() - t_all:.0f}s)")
     return 0
 
 

@@ -73,6 +73,16 @@ def test_quickstart_pretrains_on_real_text(tmp_path):
                 "What is your name?"):
         assert fields.get(key), (key, table)
 
+    # the curves as a PNG beside the table, linked from it, with the PPO episodes in it
+    png = os.path.join(run_dir, "curves.png")
+    with open(png, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    assert width > 4 * height > 0  # four panels side by side
+    assert "![curves](curves.png)" in table
+    assert len(ppo["rewards"]) == len(ppo["kls"]) == 2
+
     # a rerun reuses every stage
     r = _quickstart(run_dir)
     assert r.returncode == 0, r.stderr[-3000:]
