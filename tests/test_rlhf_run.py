@@ -245,10 +245,12 @@ BAD = {
                            "not a checkpoint folder"),
     "missing load_iteration": ({}, {"REWARD_LOAD_ITERATION": "7"}, "(role reward_ref)",
                                "load_iteration 7", "has no iter_0000007 (it has iter_0000003)"),
-    "entropy bonus": (("ppo_policy", "ppo_policy.yaml", {"entropy_coef": 0.01}), {},
-                      "entropy_coef", "not implemented"),
-    "evaluation": ({"rlhf": {"eval_episode_interval": 2}}, {}, "eval_episode_interval",
-                   "not implemented"),
+    "evaluation interval without prompts": ({"rlhf": {"eval_episode_interval": 2}}, {},
+                                            "rlhf.eval_data_path and rlhf.eval_episode_interval "
+                                            "go together", "held-out prompts"),
+    "missing eval prompts": ({"rlhf": {"eval_episode_interval": 2,
+                                       "eval_data_path": "/nonexistent/eval.jsonl"}}, {},
+                             "rlhf.eval_data_path", "/nonexistent/eval.jsonl"),
     "missing prompts": ({}, {"DATASET_PATH": "/nonexistent/prompts.jsonl"},
                         "rlhf.data_path", "/nonexistent/prompts.jsonl"),
 }

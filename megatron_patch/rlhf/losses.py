@@ -274,6 +274,41 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)
 
 
+class _SumAcross(torch.autograd.Function):
+    """All-reduce (sum) over ``group`` forward; identity backward: every rank's loss is the same
+    function of the total, so d loss / d (its partial sum) = d loss / d total."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        x = x.clone()
+        torch.distributed.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+def vocab_parallel_entropy(logits: Tensor, group=None) -> Tensor:
+    """``entropy_from_logits`` for a vocabulary split across the ranks of ``group`` (tensor
+    parallel; None: the whole vocabulary is here). logits: [..., V/tp] -> [...].
+
+    With the max shift c = max_v z_v (over every rank; a constant for the gradient) and
+    Z = sum_v exp(z_v - c), S = sum_v exp(z_v - c) z_v, each a sum of per-rank partial sums:
+      H = log Z + c - S / Z      (= logsumexp(z) - sum_v softmax(z)_v z_v).
+    Differentiable on every rank (the partial sums' all-reduce has an identity backward).
+    """
+    z = logits.float()
+    c = z.max(dim=-1, keepdim=True).values.detach()
+    if group is not None:
+        torch.distributed.all_reduce(c, op=torch.distributed.ReduceOp.MAX, group=group)
+    e = torch.exp(z - c)
+    total, weighted = e.sum(-1), (e * z).sum(-1)
+    if group is not None:
+        total, weighted = _SumAcross.apply(total, group), _SumAcross.apply(weighted, group)
+    return torch.log(total) + c.squeeze(-1) - weighted / total
+
+
 def entropy_bonus(logits: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
     """Masked token entropy of the policy: (sum_t m_t H_t, sum_t m_t).
 

@@ -60,6 +60,7 @@ class Plan:
     ppo: object  # trainer.PPOConfig
     args: Dict[str, argparse.Namespace]  # trainer role (policy, reference, reward, value) -> args
     prompts: List[str]
+    eval_prompts: Optional[List[str]]  # held-out prompt files (rlhf.eval_data_path) or None
     root: str
     log_dir: str
     tensorboard_dir: str
@@ -209,6 +210,13 @@ def prepare(path: str, world_size: int, warn: Callable[[str], None],
                                                         ".jsonl.zst"))
     except FileNotFoundError as e:
         raise RLHFConfigError(f"{where}: rlhf.data_path: {e}") from None
+    eval_prompts = None
+    if cfg.rlhf.eval_data_path:
+        try:
+            eval_prompts = list_input_files(cfg.rlhf.eval_data_path,
+                                            (".json", ".jsonl", ".json.zst", ".jsonl.zst"))
+        except FileNotFoundError as e:
+            raise RLHFConfigError(f"{where}: rlhf.eval_data_path: {e}") from None
     if ppo.reward_function:
         setter = next(r for r in models.values() if r.rlhf_values()["reward_function"])
         _probe_reward_function(ppo.reward_function, setter.model_config_file)
@@ -222,7 +230,7 @@ def prepare(path: str, world_size: int, warn: Callable[[str], None],
         raise
     pa = args["ppo_policy"]
     trainer_args = {ROLE_ARGS[n]: a for n, a in args.items()}
-    return Plan(cfg, ppo, trainer_args, prompts, root,
+    return Plan(cfg, ppo, trainer_args, prompts, eval_prompts, root,
                 os.path.abspath(pa.log_dir or os.path.join(root, "log")),
                 os.path.abspath(pa.tensorboard_dir or os.path.join(root, "tensorboard")), views)
 
@@ -268,7 +276,8 @@ def main(argv: Optional[list] = None) -> int:
 
     def body():
         T.run(plan.ppo, a["policy"], a.get("reward"), a.get("value"), plan.prompts, plan.root,
-              plan.log_dir, plan.tensorboard_dir, reference_args=a["reference"])
+              plan.log_dir, plan.tensorboard_dir, reference_args=a["reference"],
+              eval_prompts=plan.eval_prompts)
     return run_entry(body, cleanup=plan.cleanup)
 
 

@@ -21,8 +21,14 @@ data-parallel ranks), then ``num_training_epoch`` passes of mini-batches of
 clipped surrogate (policy) and clipped value loss (value). GRPO: ``num_samples_per_prompt``
 responses per prompt, group-normalised scores as advantages, no value model, k3 KL to the
 reference in the loss. Every log-prob (old, reference, new) comes from the same forward (the
-model's fused vocab-parallel cross entropy), so the first ratio of every episode is exactly 1.
-Not implemented: the entropy bonus (``entropy_coef`` must be 0), per-role TP/PP layouts.
+logits through megatron-core's vocab-parallel cross entropy), so the first ratio of every episode
+is exactly 1.
+Log-probs and entropy are those of the distribution generation samples from (the vocabulary
+padding is masked). The policy's token entropy (over the tensor-parallel vocabulary) is reported every episode, and
+``entropy_coef`` > 0 adds the entropy bonus to the policy loss. With held-out prompts and
+``eval_episode_interval``, the policy is evaluated (``eval_temperature``, 0 = greedy; reward,
+KL to the reference, length) before training and every that many episodes.
+Not implemented: per-role TP/PP layouts.
 
 Settings: ``PPOConfig`` (defaults: the YAML schema of ``megatron_patch.rlhf.config``), built from
 a YAML folder by ``ppo_config_from``; ``python -m megatron_patch.rlhf.run RLHF_YAML`` runs one,
@@ -54,6 +60,7 @@ from megatron_patch import platform
 from megatron_patch.cli import run_entry
 from megatron_patch.convert import layout
 from megatron_patch.generation import SamplingParams, generate
+from megatron_patch.generation.engine import unwrap
 from megatron_patch.models.builder import build_gpt_model, padded_vocab
 from megatron_patch.rlhf import losses as L
 from megatron_patch.rlhf.config import (RLHFConfigError, RLHFSettings,
@@ -98,12 +105,14 @@ class PPOConfig:
     kl_in_loss: bool = _K.kl_in_loss  # PPO: KL to the reference in the loss, not in the rewards
     kl_divide_by_length: bool = _K.kl_divide_by_length
     clipped_value_only: bool = _K.clipped_value_only
-    entropy_coef: float = _K.entropy_coef  # must be 0: the entropy bonus is not implemented
+    entropy_coef: float = _K.entropy_coef  # entropy bonus: loss -= coef x token entropy
     reward_scale: float = _K.reward_scale
     reward_clip: Optional[float] = _K.reward_clip
     whiten_advantages: bool = _K.whiten_advantages
     num_samples_per_prompt: int = _K.num_samples_per_prompt  # GRPO group size (>= 2 with grpo)
     reward_function: Optional[str] = _K.reward_function
+    eval_episode_interval: int = _S.eval_episode_interval  # held-out evaluation every N (0: off)
+    eval_temperature: float = _K.eval_temperature  # 0: greedy
     save_episode_interval: Optional[int] = _S.save_episode_interval  # None / 0: at the end only
     seed: int = _S.seed
     data_shuffle: bool = _S.data_shuffle  # prompts in a seeded new order on every pass
@@ -126,6 +135,7 @@ SETTINGS_KEYS = {"algorithm": "algorithm", "num_ppo_episode": "num_episodes",
                  "train_global_batch_size": "train_global_batch_size",
                  "num_training_epoch": "num_training_epoch",
                  "save_episode_interval": "save_episode_interval", "seed": "seed",
+                 "eval_episode_interval": "eval_episode_interval",
                  "data_shuffle": "data_shuffle"}
 
 
@@ -150,8 +160,7 @@ def ppo_config_from(rlhf_config, warn: Callable[[str], None] = _warn) -> PPOConf
     A key set to another value in a file that does not win (and that the winning role does not
     read itself, like a shared base.yaml) is reported through ``warn`` (one line naming both).
     Settings that this trainer cannot honour are errors (``RLHFConfigError``, one line naming the
-    file and key): a non-zero ``entropy_coef``, evaluation (``rlhf.eval_data_path`` /
-    ``rlhf.eval_episode_interval``); ``eval_temperature`` (only used by evaluation),
+    file and key): ``rlhf.eval_data_path`` without ``rlhf.eval_episode_interval`` or the reverse;
     ``rlhf.log_interval`` other than 1 and the PPO-only keys with grpo are warnings."""
     m, s = rlhf_config.models, rlhf_config.rlhf
     where = rlhf_config.path
@@ -176,16 +185,10 @@ def ppo_config_from(rlhf_config, warn: Callable[[str], None] = _warn) -> PPOConf
         raise RLHFConfigError(f"{where}: the model files set different reward_function values ("
                               + ", ".join(f"{k}: {v}" for k, v in fns.items()) + ")")
     values["reward_function"] = next(iter(fns.values()), None)
-    if values["entropy_coef"]:
-        raise RLHFConfigError(f"{m['ppo_policy'].model_config_file}: entropy_coef "
-                              f"{values['entropy_coef']}: the entropy bonus is not implemented yet "
-                              "(it needs the full vocabulary logits); set entropy_coef: 0")
-    if s.eval_data_path or s.eval_episode_interval:
-        raise RLHFConfigError(f"{where}: rlhf.eval_data_path / rlhf.eval_episode_interval: "
-                              "evaluation during RLHF is not implemented yet; remove them")
-    if values.pop("eval_temperature") != _K.eval_temperature:
-        warn(f"{gen.model_config_file}: eval_temperature has no effect (evaluation during RLHF "
-             "is not implemented yet)")
+    if bool(s.eval_data_path) != bool(s.eval_episode_interval):
+        raise RLHFConfigError(f"{where}: rlhf.eval_data_path and rlhf.eval_episode_interval go "
+                              "together (the held-out prompts, and every how many episodes they "
+                              "are evaluated)")
     if s.algorithm == "grpo":  # no value model, no GAE: these keys have no effect
         for k in ("gamma", "lam", "whiten_advantages") + VALUE_KEYS:
             if values[k] != getattr(_K, k):
@@ -205,9 +208,10 @@ def ppo_config_from(rlhf_config, warn: Callable[[str], None] = _warn) -> PPOConf
 
 class Role:
     def __init__(self, name: str, args, arch, model: List[torch.nn.Module], vocab: int,
-                 optimizer=None, scheduler=None):
+                 optimizer=None, scheduler=None, vocab_limit: Optional[int] = None):
         self.name, self.args, self.arch, self.model, self.vocab = name, args, arch, model, vocab
         self.optimizer, self.scheduler = optimizer, scheduler
+        self.vocab_limit = vocab_limit  # token ids the tokenizer can produce (the rest: padding)
 
     @property
     def trainable(self) -> bool:
@@ -223,17 +227,47 @@ def _batches(exp: Dict[str, torch.Tensor], index: torch.Tensor, micro: int):
         yield {k: v[idx] for k, v in exp.items()}
 
 
-def _token_logprobs(model, tokens, position_ids):
-    """The negative log-likelihood -log p(tokens[:, t+1] | tokens[:, :t+1]) per position, from the
-    vocab-parallel cross entropy, [b, s] on the last stage. The last column scores the wrapped-around
-    first token and is never in a response mask."""
+def _token_logprobs(model, tokens, position_ids, entropy: Optional[str] = None,
+                    vocab_limit: Optional[int] = None):
+    """The negative log-likelihood -log p(tokens[:, t+1] | tokens[:, :t+1]) per position, [b, s]
+    on the last stage (hidden states for the next stage on the others), from megatron-core's
+    vocab-parallel cross entropy. The last column scores the wrapped-around first token and is never
+    in a response mask.
+
+    The distribution is that of the sampler: the vocabulary-padding columns (ids >= ``vocab_limit``,
+    which generation never samples) are left out of the normalisation. ``entropy`` (``"grad"`` or
+    ``"metric"``): return ``(nll, entropy)``, the entropy [b, s] of that distribution from the same
+    logits, with gradient for the entropy bonus or detached when it is only reported."""
+    from megatron.core import tensor_parallel
+
+    logits = model(tokens, position_ids, None)
+    if not getattr(unwrap(model), "post_process", True):
+        return logits  # hidden states for the next pipeline stage
+    # logits: [b, s, v/tp], this rank's slice of the (padded) vocabulary
+    width = logits.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * width
+    if vocab_limit is not None and start + width > vocab_limit:
+        padding = torch.arange(start, start + width, device=logits.device) >= vocab_limit  # [v/tp]
+        logits = logits.masked_fill(padding, torch.finfo(logits.dtype).min)  # exp() -> exactly 0
+    ent = None
+    if entropy is not None:
+        group = parallel_state.get_tensor_model_parallel_group() \
+            if parallel_state.get_tensor_model_parallel_world_size() > 1 else None
+        if entropy == "grad":
+            ent = L.vocab_parallel_entropy(logits, group)
+            logits = logits.clone()  # the cross entropy below works in place on its input
+        else:
+            with torch.no_grad():
+                ent = L.vocab_parallel_entropy(logits.detach(), group)
     labels = torch.roll(tokens, -1, dims=1)
-    return model(tokens, position_ids, None, labels=labels)
+    nll = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)  # [b, s]
+    return nll if ent is None else (nll, ent)
 
 
 def _run(role: Role, exp: Dict[str, torch.Tensor], index: torch.Tensor, forward_only: bool,
-         loss_fn: Callable, micro: int, seq: int) -> List[dict]:
-    """Micro-batches ``index`` of ``exp`` through megatron-core's forward-backward function."""
+         loss_fn: Callable, micro: int, seq: int, entropy: Optional[str] = None) -> List[dict]:
+    """Micro-batches ``index`` of ``exp`` through megatron-core's forward-backward function
+    (``entropy``: see ``_token_logprobs``)."""
     fb = get_forward_backward_func()
     dev = platform.current_device()
     n_micro = math.ceil(len(index) / micro)
@@ -245,7 +279,8 @@ def _run(role: Role, exp: Dict[str, torch.Tensor], index: torch.Tensor, forward_
         if reward_like:
             out = model(batch["tokens"], batch["position_ids"], None)  # [b, s] values
         else:
-            out = _token_logprobs(model, batch["tokens"], batch["position_ids"])
+            out = _token_logprobs(model, batch["tokens"], batch["position_ids"], entropy,
+                                  role.vocab_limit)
         return out, partial(loss_fn, batch)
 
     iters = [batches] if len(role.model) == 1 else [_batches(exp, index, micro)
@@ -287,9 +322,6 @@ def check_config(cfg: PPOConfig) -> None:
         raise ArgumentError(f"algorithm must be ppo or grpo, got {cfg.algorithm!r}")
     if cfg.kl_kind not in L.KL_KINDS:
         raise ArgumentError(f"kl_kind must be one of {', '.join(L.KL_KINDS)}, got {cfg.kl_kind!r}")
-    if cfg.entropy_coef:
-        raise ArgumentError(f"entropy_coef {cfg.entropy_coef}: the entropy bonus is not "
-                            "implemented yet (it needs the full vocabulary logits); set it to 0")
     if cfg.max_prompt_length is None or cfg.max_prompt_length < 1:
         raise ArgumentError(f"max_prompt_length must be a positive number of tokens, got "
                             f"{cfg.max_prompt_length!r}")
@@ -412,7 +444,7 @@ class RLHFTrainer:
                 p.requires_grad_(False)
         print_rank_last(f"> {name}: {arch.family}, {'trainable' if trainable else 'frozen'}"
                         f"{', from ' + src if src else ''}")
-        return Role(name, args, arch, model, vocab, optimizer, scheduler)
+        return Role(name, args, arch, model, vocab, optimizer, scheduler, self.vocab_limit)
 
     # -- experience
 
@@ -439,17 +471,26 @@ class RLHFTrainer:
             self._orders = {epoch: torch.randperm(n, generator=g).tolist()}
         return self._orders[epoch][i % n]
 
-    def make_experience(self, prompts: List[List[int]], texts: List[str]) -> Dict[str, torch.Tensor]:
+    def make_experience(self, prompts: List[List[int]], texts: List[str],
+                        evaluation: bool = False) -> Dict[str, torch.Tensor]:
+        """Generate, then score: old and reference log-probs, values (PPO), the reward. With
+        ``evaluation``: ``eval_temperature`` (0: greedy), one seed for every evaluation (the same
+        sampling noise at every episode), no values. Sets ``self.last_timing`` (seconds of the
+        generation and of the scoring forwards)."""
         cfg = self.cfg
+        t0 = time.time()
         rows, masks, resp_ids, ended = [], [], [], []
         gb = cfg.generation_batch_size
+        temperature = cfg.eval_temperature if evaluation else cfg.temperature
         for i in range(0, len(prompts), gb):
             chunk = prompts[i:i + gb]
-            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            episode_seed = -1 if evaluation else self.episode
+            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=temperature,
+                                    greedy=temperature == 0,
                                     top_k=cfg.top_k, top_p=cfg.top_p,
                                     repetition_penalty=cfg.repetition_penalty,
                                     stop_token_ids=[self.eos],
-                                    seed=cfg.seed * 100003 + self.episode * 1009 + i +
+                                    seed=cfg.seed * 100003 + episode_seed * 1009 + i +
                                     self.dp_rank * 7919)
             out = generate(self.policy.model[0], chunk, params, pad_id=self.pad,
                            vocab_size=self.vocab_limit)
@@ -465,11 +506,12 @@ class RLHFTrainer:
                 masks.append(m)
         exp = {"tokens": torch.stack(rows), "mask": torch.stack(masks),
                "position_ids": torch.arange(self.seq).expand(len(rows), -1).clone()}
+        t_gen = time.time()
         micro = cfg.train_micro_batch_size
         neg = (lambda o: -o)
         collect(self.policy, exp, "old_logprobs", micro, self.seq, neg)
         collect(self.reference, exp, "ref_logprobs", micro, self.seq, neg)
-        if self.value is not None:
+        if self.value is not None and not evaluation:
             collect(self.value, exp, "values", micro, self.seq)
         score = torch.zeros(len(rows))
         if self.reward is not None:
@@ -485,7 +527,32 @@ class RLHFTrainer:
         exp["score"] = score
         exp["ended"] = torch.tensor(ended, dtype=torch.float32)
         exp["response_length"] = exp["mask"].sum(-1)
+        self.last_timing = {"generation": t_gen - t0, "scoring": time.time() - t_gen}
         return exp
+
+    def evaluate(self, dataset) -> Dict[str, float]:
+        """The current policy on the held-out prompts: ``eval_reward_mean`` / ``_std`` (over every
+        sample of every data-parallel rank), ``eval_kl`` (k1 to the reference, summed over a
+        response, mean over samples), ``eval_response_length``, ``eval_ended``, ``eval_samples``.
+        The first ``n`` prompts are used, ``n`` the largest multiple of train_micro_batch_size x
+        data parallel that the file holds; data-parallel ranks take disjoint shares."""
+        micro = self.cfg.train_micro_batch_size
+        per = len(dataset.ids) // self.dp // micro * micro
+        mine = slice(self.dp_rank * per, (self.dp_rank + 1) * per)
+        exp = self.make_experience(dataset.ids[mine], dataset.prompts[mine], evaluation=True)
+        kl = (L.kl_penalty(exp["old_logprobs"], exp["ref_logprobs"], "k1") * exp["mask"]).sum(-1)
+        score = exp["score"].double()
+        sums = torch.stack([score.sum(), (score * score).sum(), kl.double().sum(),
+                            exp["response_length"].double().sum(), exp["ended"].double().sum(),
+                            torch.tensor(float(len(score)), dtype=torch.float64)])
+        if self.dp > 1:
+            sums = sums.to(platform.current_device())
+            dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        s, s2, k, length, ended, n = sums.cpu().tolist()
+        mean = s / n
+        return {"eval_reward_mean": mean, "eval_reward_std": math.sqrt(max(s2 / n - mean * mean, 0)),
+                "eval_kl": k / n, "eval_response_length": length / n, "eval_ended": ended / n,
+                "eval_samples": int(n)}
 
     def advantages(self, exp) -> Dict[str, float]:
         cfg, mask = self.cfg, exp["mask"]
@@ -523,6 +590,7 @@ class RLHFTrainer:
 
     def _policy_loss(self, batch, out):
         cfg = self.cfg
+        out, entropy = out  # nll and entropy per position (_token_logprobs with entropy)
         logprobs = -out
         kind = self.loss_kl_kind
         if cfg.algorithm == "grpo" and kind == "k3":
@@ -538,6 +606,10 @@ class RLHFTrainer:
         else:
             loss, n, st = L.ppo_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"],
                                             batch["mask"], cfg.clip_range)
+        ent_sum = L.masked_sum(entropy, batch["mask"])
+        if cfg.entropy_coef:  # the bonus: maximise the entropy of the response tokens
+            loss = loss - cfg.entropy_coef * ent_sum
+        st = dict(st, entropy_sum=ent_sum.detach())
         rep = {"policy_loss": torch.stack([loss.detach(), n.float()])}
         rep.update({k.replace("_sum", ""): torch.stack([v.detach().float(), n.float()])
                     for k, v in st.items()})
@@ -553,6 +625,9 @@ class RLHFTrainer:
 
     def train_role(self, role: Role, exp, loss_fn, order: torch.Tensor) -> Dict[str, float]:
         cfg = self.cfg
+        entropy = None
+        if role is self.policy:  # the entropy is reported; with entropy_coef it is in the loss
+            entropy = "grad" if cfg.entropy_coef else "metric"
         per_rank = cfg.train_global_batch_size // self.dp
         totals: Dict[str, torch.Tensor] = {}
         for start in range(0, len(order), per_rank):
@@ -560,7 +635,8 @@ class RLHFTrainer:
             for m in role.model:
                 m.zero_grad_buffer()
             role.optimizer.zero_grad()
-            losses = _run(role, exp, idx, False, loss_fn, cfg.train_micro_batch_size, self.seq)
+            losses = _run(role, exp, idx, False, loss_fn, cfg.train_micro_batch_size, self.seq,
+                          entropy)
             ok, _, _ = role.optimizer.step()
             if ok:
                 role.scheduler.step(increment=cfg.train_global_batch_size)
@@ -574,11 +650,14 @@ class RLHFTrainer:
             out[k] = (v[0] / v[1].clamp(min=1)).item()
         return out
 
-    def run_episode(self, dataset, logger: MetricsLogger) -> dict:
+    def run_episode(self, dataset, logger: MetricsLogger, eval_dataset=None) -> dict:
+        """One episode; with ``eval_dataset``, the trained policy is evaluated on it after the
+        episode when the episode number is a multiple of ``eval_episode_interval`` or the last."""
         cfg = self.cfg
         t0 = time.time()
         prompts, texts = self.prompts_for_episode(dataset)
         exp = self.make_experience(prompts, texts)
+        timing = self.last_timing
         t_gen = time.time()
         stats = self.advantages(exp)
         metrics = {"iteration": self.episode + 1}
@@ -594,13 +673,19 @@ class RLHFTrainer:
                 metrics.update(self.train_role(self.value, exp, self._value_loss, order))
         self.kl_ctl.update(metrics["kl"], cfg.sample_per_episode)
         metrics["kl_coef"] = self.kl_ctl.value
-        metrics["time_generation_s"] = t_gen - t0
+        metrics["time_generation_s"] = timing["generation"]
+        metrics["time_logprobs_s"] = timing["scoring"]  # old/reference log-probs, values, reward
         metrics["time_training_s"] = time.time() - t_gen
         metrics["tokens_per_s"] = float(exp["response_length"].sum()) * self.dp / max(
             time.time() - t0, 1e-9)
         self.episode += 1
         self.consumed_prompts += cfg.sample_per_episode // (
             cfg.num_samples_per_prompt if cfg.algorithm == "grpo" else 1)
+        if eval_dataset is not None and cfg.eval_episode_interval and (
+                self.episode % cfg.eval_episode_interval == 0 or self.episode == cfg.num_episodes):
+            t_eval = time.time()
+            metrics.update(self.evaluate(eval_dataset))
+            metrics["time_eval_s"] = time.time() - t_eval
         logger.log_episode(metrics, cfg.num_episodes)
         return metrics
 
@@ -663,21 +748,41 @@ def load_reward_function(spec: str) -> Callable:
 
 def run(cfg: PPOConfig, policy_args, reward_args, value_args, prompts: List[str],
         save: Optional[str], log_dir: Optional[str], tensorboard_dir: Optional[str] = None,
-        reference_args=None) -> List[dict]:
+        reference_args=None, eval_prompts: Optional[List[str]] = None) -> List[dict]:
     """Train ``cfg.num_episodes`` episodes (resuming from ``save``'s rlhf_state.json when there
     is one); ``save``: the folder of rlhf_state.json, and of the trainable roles that have no
-    ``save`` argument of their own (``save/policy``, ``save/value``)."""
+    ``save`` argument of their own (``save/policy``, ``save/value``).
+
+    ``eval_prompts`` (held-out prompt files) with ``cfg.eval_episode_interval``: the starting
+    policy is evaluated before the first episode (a metrics record with ``iteration`` 0 and only
+    ``eval_*`` keys), then after every ``eval_episode_interval`` episodes and after the last
+    (``eval_*`` keys in that episode's record)."""
     from megatron_patch.data.rl import PromptDataset
 
+    if bool(eval_prompts) != bool(cfg.eval_episode_interval):
+        raise ArgumentError("held-out evaluation needs both the eval prompts and "
+                            "eval_episode_interval")
     trainer = RLHFTrainer(cfg, policy_args, reward_args, value_args, reference_args)
     dataset = PromptDataset(prompts, trainer.tokenizer, cfg.max_prompt_length)
+    eval_dataset = None
+    if eval_prompts:
+        eval_dataset = PromptDataset(eval_prompts, trainer.tokenizer, cfg.max_prompt_length)
+        if len(eval_dataset.ids) < cfg.train_micro_batch_size * trainer.dp:
+            raise ArgumentError(f"the eval prompts hold {len(eval_dataset.ids)} prompts; "
+                                f"evaluation needs at least train_micro_batch_size x data "
+                                f"parallel = {cfg.train_micro_batch_size * trainer.dp}")
     if save and trainer.load(save):
         print_rank_last(f"> resumed from {save} at episode {trainer.episode}")
     logger = MetricsLogger(argparse.Namespace(log_dir=log_dir, tensorboard_dir=tensorboard_dir),
                            start_iteration=trainer.episode)
     out = []
+    if eval_dataset is not None and trainer.episode == 0:
+        t_eval = time.time()
+        rec = dict(iteration=0, **trainer.evaluate(eval_dataset))
+        rec["time_eval_s"] = time.time() - t_eval
+        logger.log_episode(rec, cfg.num_episodes)
     while trainer.episode < cfg.num_episodes:
-        out.append(trainer.run_episode(dataset, logger))
+        out.append(trainer.run_episode(dataset, logger, eval_dataset))
         if save and (trainer.episode == cfg.num_episodes or (
                 cfg.save_episode_interval and trainer.episode % cfg.save_episode_interval == 0)):
             trainer.save(save)
@@ -695,6 +800,8 @@ def build_cli() -> argparse.ArgumentParser:
     p.add_argument("--value", default=None, help="the value model's start (default: the reward "
                    "model, else the policy with a new head)")
     p.add_argument("--prompts", nargs="+", required=True, help="jsonl {prompt} / {query}")
+    p.add_argument("--eval-prompts", nargs="+", default=None,
+                   help="held-out prompts, evaluated every --eval-episode-interval episodes")
     p.add_argument("--save", default=None)
     p.add_argument("--log-dir", default=None)
     p.add_argument("--tensorboard-dir", default=None)
@@ -752,7 +859,7 @@ def main(argv: Optional[list] = None) -> int:
         value_src = cli.value or (None if reward is None else cli.reward) or cli.policy
         value = role_args(value_src, cli, cli.value_lr or cli.lr)
         run(cfg, role_args(cli.policy, cli, cli.lr), reward, value, cli.prompts, cli.save,
-            cli.log_dir, cli.tensorboard_dir)
+            cli.log_dir, cli.tensorboard_dir, eval_prompts=cli.eval_prompts)
 
     return run_entry(body)
 
