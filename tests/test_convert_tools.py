@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 TOOLS = os.path.join(ROOT, "toolkits", "model_checkpoints_convertor")
 
-from tests.workers.convert_cases import _llama, build_hf  # noqa: E402
+from tests.workers.convert_cases import CASES, _llama, build_hf  # noqa: E402
 
 
 def _quiet(*a):
@@ -158,3 +158,18 @@ def test_compare_tool(tmp_path):
     r = subprocess.run([sys.executable, script, "--hf-dir", str(hf), "--megatron-dir",
                         str(tmp_path / "bad")], capture_output=True, text=True, env=env)
     assert r.returncode == 1 and "FAIL" in r.stdout, r.stdout + r.stderr
+
+
+def test_compare_tool_bloom_has_eager_attention_only(tmp_path):
+    """transformers' Bloom offers no SDPA attention: the tool falls back to its eager one."""
+    from megatron_patch.convert import engine
+
+    hf = tmp_path / "hf"
+    build_hf(CASES["bloom"][0], str(hf))
+    engine.hf_to_megatron(str(hf), str(tmp_path / "mg"), log=_quiet)
+    r = subprocess.run([sys.executable, os.path.join(TOOLS, "compare_hf_megatron.py"), "--hf-dir",
+                        str(hf), "--megatron-dir", str(tmp_path / "mg"), "--json"],
+                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["family"] == "bloom" and res["max_abs_diff"] < 1e-4 and res["top1_agreement"] == 1.0

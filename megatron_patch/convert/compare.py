@@ -103,8 +103,14 @@ def compare(hf_dir: str, mg_dir: str, *, batch: int = 2, seq_len: int = 32, seed
         launch_local(["-m", "megatron_patch.convert.compare", "--worker", mg_dir, ids_path,
                       out_path], world, timeout=timeout)
         out = torch.load(out_path)
-    model = T.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
-                                                   attn_implementation="sdpa").eval()
+    try:  # SDPA where the architecture has it (Falcon-RW's reference needs it) ...
+        model = T.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                       attn_implementation="sdpa").eval()
+    except ValueError as e:  # ... else its only attention (Bloom: eager)
+        if "scaled_dot_product_attention" not in str(e):
+            raise
+        model = T.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                       attn_implementation="eager").eval()
     with torch.no_grad():
         ref = model(ids).logits.float()
     n = min(ref.shape[-1], out.shape[-1])
