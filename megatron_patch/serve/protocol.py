@@ -72,7 +72,8 @@ class Params:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        """temperature 0, top_k 1 or top_p 0 (only the most likely token is left) pick the argmax."""
+        return self.temperature == 0 or self.top_k == 1 or self.top_p == 0
 
 
 def parse_json(raw: bytes) -> Dict[str, Any]:
