@@ -187,7 +187,7 @@ def bench(algorithm: str, tok: str, prompts: str, init: str, a) -> dict:
         T.generate, T.collect = saved
     if prof:
         s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(a.profile_top)
+        pstats.Stats(prof, stream=s).sort_stats(os.environ.get("PROFILE_SORT", "cumulative")).print_stats(a.profile_top)
         print(f"\ncProfile of {a.episodes} {algorithm} episodes (cumulative):\n" + s.getvalue())
     med = statistics.median(steps)
     return {

@@ -20,9 +20,9 @@ data-parallel ranks), then ``num_training_epoch`` passes of mini-batches of
 ``train_global_batch_size`` samples through megatron-core's forward-backward function with the
 clipped surrogate (policy) and clipped value loss (value). GRPO: ``num_samples_per_prompt``
 responses per prompt, group-normalised scores as advantages, no value model, k3 KL to the
-reference in the loss. Every log-prob (old, reference, new) comes from the same forward (the
-logits through megatron-core's vocab-parallel cross entropy), so the first ratio of every episode
-is exactly 1.
+reference in the loss. Every log-prob (old, reference, new) comes from the same function of the
+logits (megatron-core's vocab-parallel cross entropy; torch's at TP=1), so the first ratio of every
+episode is exactly 1.
 Log-probs and entropy are those of the distribution generation samples from (the vocabulary
 padding is masked). The policy's token entropy (over the tensor-parallel vocabulary) is reported every episode, and
 ``entropy_coef`` > 0 adds the entropy bonus to the policy loss. With held-out prompts and
@@ -228,16 +228,18 @@ def _batches(exp: Dict[str, torch.Tensor], index: torch.Tensor, micro: int):
 
 
 def _token_logprobs(model, tokens, position_ids, entropy: Optional[str] = None,
-                    vocab_limit: Optional[int] = None):
+                    vocab_limit: Optional[int] = None, mask: Optional[torch.Tensor] = None):
     """The negative log-likelihood -log p(tokens[:, t+1] | tokens[:, :t+1]) per position, [b, s]
-    on the last stage (hidden states for the next stage on the others), from megatron-core's
-    vocab-parallel cross entropy. The last column scores the wrapped-around first token and is never
-    in a response mask.
+    on the last stage (hidden states for the next stage on the others): megatron-core's
+    vocab-parallel cross entropy over the tensor-parallel ranks (at TP=1, torch's cross entropy:
+    the same function, 4x cheaper on CPU). The last column scores the wrapped-around first token
+    and is never in a response mask.
 
     The distribution is that of the sampler: the vocabulary-padding columns (ids >= ``vocab_limit``,
     which generation never samples) are left out of the normalisation. ``entropy`` (``"grad"`` or
     ``"metric"``): return ``(nll, entropy)``, the entropy [b, s] of that distribution from the same
-    logits, with gradient for the entropy bonus or detached when it is only reported."""
+    logits at the positions of ``mask`` (0 elsewhere), with gradient for the entropy bonus or
+    detached when it is only reported."""
     from megatron.core import tensor_parallel
 
     logits = model(tokens, position_ids, None)
@@ -245,22 +247,30 @@ def _token_logprobs(model, tokens, position_ids, entropy: Optional[str] = None,
         return logits  # hidden states for the next pipeline stage
     # logits: [b, s, v/tp], this rank's slice of the (padded) vocabulary
     width = logits.shape[-1]
+    tp = parallel_state.get_tensor_model_parallel_world_size()
     start = parallel_state.get_tensor_model_parallel_rank() * width
     if vocab_limit is not None and start + width > vocab_limit:
-        padding = torch.arange(start, start + width, device=logits.device) >= vocab_limit  # [v/tp]
-        logits = logits.masked_fill(padding, torch.finfo(logits.dtype).min)  # exp() -> exactly 0
+        # in place on the padding columns only (their gradient becomes 0): exp() -> exactly 0
+        logits[..., max(vocab_limit - start, 0):] = torch.finfo(logits.dtype).min
     ent = None
     if entropy is not None:
-        group = parallel_state.get_tensor_model_parallel_group() \
-            if parallel_state.get_tensor_model_parallel_world_size() > 1 else None
+        group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
+        keep = (mask > 0) if mask is not None else torch.ones(logits.shape[:2], dtype=torch.bool,
+                                                               device=logits.device)
+        ent = torch.zeros(logits.shape[:2], dtype=torch.float32, device=logits.device)
         if entropy == "grad":
-            ent = L.vocab_parallel_entropy(logits, group)
-            logits = logits.clone()  # the cross entropy below works in place on its input
+            ent = ent.index_put((keep,), L.vocab_parallel_entropy(logits[keep], group))
         else:
             with torch.no_grad():
-                ent = L.vocab_parallel_entropy(logits.detach(), group)
+                ent[keep] = L.vocab_parallel_entropy(logits.detach()[keep], group)
     labels = torch.roll(tokens, -1, dims=1)
-    nll = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)  # [b, s]
+    if tp == 1:
+        nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                                reduction="none").view(labels.shape)
+    else:
+        if entropy == "grad":
+            logits = logits.clone()  # the vocab-parallel cross entropy works in place
+        nll = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)  # [b, s]
     return nll if ent is None else (nll, ent)
 
 
@@ -280,7 +290,7 @@ def _run(role: Role, exp: Dict[str, torch.Tensor], index: torch.Tensor, forward_
             out = model(batch["tokens"], batch["position_ids"], None)  # [b, s] values
         else:
             out = _token_logprobs(model, batch["tokens"], batch["position_ids"], entropy,
-                                  role.vocab_limit)
+                                  role.vocab_limit, batch.get("mask"))
         return out, partial(loss_fn, batch)
 
     iters = [batches] if len(role.model) == 1 else [_batches(exp, index, micro)
