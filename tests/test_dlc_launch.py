@@ -270,6 +270,10 @@ def test_pretrain_dlc_equals_dsw(pretrain):
     assert_same_metrics(*logs, "lm_loss")
     assert [r["iteration"] for r in _records(os.path.join(logs[1], "metrics.jsonl"))] == [1]
     assert_same_checkpoint(dsw, dlc)
+    # both nodes append to the one console.log (shared storage): the job's lines once, not per node
+    console = open(os.path.join(logs[1], "console.log")).read()
+    assert console.count("iteration        1/       1") == 1, console[-3000:]
+    assert console.count("saved checkpoint at iteration 1") == 1, console[-3000:]
 
 
 def _finetune_args(env, family, ws, data, ckpt, out, tp, sp="false", size="tiny"):
