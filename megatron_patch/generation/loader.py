@@ -73,9 +73,11 @@ def _arch(meta: dict, hf_config: Optional[dict], model_size: str, family: Option
 
 def load_for_generation(ckpt: str, *, tp: int = 1, pp: int = 1, model_size: str = "auto",
                         family: Optional[str] = None, precision: str = "fp32", flash: bool = False, seed: int = 1234,
-                        log=print) -> LoadedModel:
+                        log=print, inference: bool = True) -> LoadedModel:
     """Build and load this rank's stage; torch.distributed is initialised here from the torchrun
-    environment when it is not yet. A world larger than TP*PP runs data-parallel replicas."""
+    environment when it is not yet. A world larger than TP*PP runs data-parallel replicas.
+    ``inference``: build with the inference-only modules (``models.common.inference``: a KV cache
+    of rotated keys, linears without autograd wrappers); False builds megatron-core's own."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -114,7 +116,7 @@ def load_for_generation(ckpt: str, *, tp: int = 1, pp: int = 1, model_size: str 
     cfg = transformer_config(arch, tp=tp, pp=pp, ep=c_ep, precision=precision,
                              sequence_parallel=tp > 1 and n_exp > 0)
     padded = int(meta.get("padded_vocab_size") or arch.model["vocab_size"])
-    model = build_gpt_model(arch, cfg, vocab_size=padded, flash=flash).eval()
+    model = build_gpt_model(arch, cfg, vocab_size=padded, flash=flash, inference=inference).eval()
     load.load_rank(model, root, tp_rank=ps.get_tensor_model_parallel_rank(),
                    pp_rank=ps.get_pipeline_model_parallel_rank(), pp_size=pp,
                    ep_rank=ps.get_expert_model_parallel_rank(), ep_size=c_ep, iteration=iteration)

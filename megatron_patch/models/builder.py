@@ -108,9 +108,11 @@ def build_gpt_model(arch: MegatronArch, config: TransformerConfig, *, pre_proces
                     vocab_size: Optional[int] = None, max_sequence_length: Optional[int] = None,
                     use_te: Optional[bool] = None, flash: bool = False,
                     parallel_output: bool = True, reward_head: bool = False,
-                    reward_head_bias: bool = False) -> GPTModel:
+                    reward_head_bias: bool = False, inference: bool = False) -> GPTModel:
     """This rank's stage of the model. ``vocab_size`` is the padded size (defaults to the config's).
-    ``reward_head``: a ``GPTRewardModel`` (scalar head instead of the LM head)."""
+    ``reward_head``: a ``GPTRewardModel`` (scalar head instead of the LM head).
+    ``inference``: a generation build, with the inference-only attention (a KV cache of rotated
+    keys) and linears of ``models.common.inference`` (same weights and outputs; no faster to train)."""
     fam = get_family(arch.family)
     if use_te is None:
         use_te = platform.use_cuda() and have_te()
@@ -119,6 +121,10 @@ def build_gpt_model(arch: MegatronArch, config: TransformerConfig, *, pre_proces
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     layer = fam.layer_spec(arch, use_te=use_te, flash=flash)
+    if inference:
+        from megatron_patch.models.common.inference import inference_layer_spec
+
+        layer = inference_layer_spec(layer)
     final_norm = None
     if use_te:
         from megatron.core.extensions.transformer_engine import TENorm

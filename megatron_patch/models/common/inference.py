@@ -1,0 +1,206 @@
+"""Inference-only modules for generation builds, selected through the layer spec.
+
+``inference_layer_spec(spec)`` returns a copy of a layer spec with the classes below in place of
+megatron-core's exact ``SelfAttention`` / ``ColumnParallelLinear`` / ``RowParallelLinear``;
+``build_gpt_model(..., inference=True)`` (what ``generation.loader.load_for_generation`` builds)
+uses it. The modules keep the parameters, state-dict keys and sharded state dicts of their bases and
+run the same floating-point operations, so logits and greedy tokens are unchanged bit for bit; in
+training (autograd on) or any case they do not cover they call their base class.
+
+What megatron-core 0.16 lacks:
+
+- ``RotatedKVSelfAttention``: megatron-core's static KV cache (``Attention.
+  _adjust_key_value_for_inference``) stores keys before RoPE and, on every decode step, rotates the
+  whole cached key ``[0, t]`` again with ``k_pos_emb[:t + 1]``: O(t) elementwise work and
+  allocations per layer per step. Only its flash-decoding path caches rotated keys, and that needs
+  flash-attn kernels (CUDA). This attention rotates the new query and key rows only, once, and keeps
+  the rotated keys in its own cache buffers in the same ``StaticInferenceContext`` (under the key
+  ``("rotated_kv", layer_number)``, so the two kinds of cache never mix). RoPE is elementwise per
+  position, so a cached key is bitwise the key megatron-core would rotate again. The core attention
+  (``SDPAttention``, ``DotProductAttention``, ALiBi, ...) is called with the same arguments.
+- ``InferenceColumnParallelLinear`` / ``InferenceRowParallelLinear``: under ``torch.no_grad``
+  megatron-core still routes every GEMM through autograd functions (the TP copy/reduce mappings and
+  the linear with async all-reduce), and ``RowParallelLinear.forward`` passes ``tp_group=None`` to
+  its linear, which calls ``warnings.warn(DeprecationWarning)`` on rank 0 on every call. Without
+  autograd these layers do the same ``torch.matmul(x, w.t())`` (+ bias) and the same TP all-reduce /
+  all-gather directly (a few Python calls instead of ~15 per GEMM).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+    _yarn_get_concentration_factor_from_config,
+)
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+CACHE_KEY = "rotated_kv"
+
+
+def _tp_size(group) -> int:
+    return group.size() if group is not None else 1
+
+
+class InferenceColumnParallelLinear(ColumnParallelLinear):
+    """``ColumnParallelLinear`` whose no-grad forward skips the autograd wrappers (module doc)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._tp = _tp_size(self.tp_group)
+
+    def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                runtime_gather_output: Optional[bool] = None):
+        if (weight is not None or torch.is_grad_enabled() or self.weight is None
+                or self.sequence_parallel or self.explicit_expert_comm
+                or self.config.defer_embedding_wgrad_compute
+                or self.config._cpu_offloading_context is not None):
+            return super().forward(input_, weight, runtime_gather_output)
+        weight = self.weight
+        # the forward of LinearWithGradAccumulationAndAsyncCommunication / LinearWithFrozenWeight
+        output = torch.matmul(input_, weight.t())
+        if self.bias is not None and not self.skip_bias_add:
+            output = output + self.bias
+        gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
+        if gather and self._tp > 1:
+            output = gather_from_tensor_model_parallel_region(output, group=self.tp_group)
+        return output, (self.bias if self.skip_bias_add else None)
+
+
+class InferenceRowParallelLinear(RowParallelLinear):
+    """``RowParallelLinear`` whose no-grad forward skips the autograd wrappers (module doc)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._tp = _tp_size(self.tp_group)
+
+    def forward(self, input_: torch.Tensor):
+        if (torch.is_grad_enabled() or not self.input_is_parallel or self.sequence_parallel
+                or self.explicit_expert_comm or self.config._cpu_offloading_context is not None):
+            return super().forward(input_)
+        output = torch.matmul(input_, self.weight.t())
+        if self._tp > 1:  # reduce_from_tensor_model_parallel_region's forward
+            torch.distributed.all_reduce(output, group=self.tp_group)
+        if self.skip_bias_add:
+            return output, self.bias
+        if self.bias is not None:
+            output = output + self.bias
+        return output, None
+
+
+class RotatedKVSelfAttention(SelfAttention):
+    """``SelfAttention`` with a static KV cache of rotated keys (module doc)."""
+
+    def _covers(self, inference_context, key_value_states, rotary_pos_cos, rotary_pos_sin,
+                rotary_pos_cos_sin, packed_seq_params) -> bool:
+        cfg = self.config
+        return (inference_context is not None and not self.training
+                and inference_context.is_static_batching()
+                and key_value_states is None and packed_seq_params is None
+                and rotary_pos_cos is None and rotary_pos_sin is None
+                and rotary_pos_cos_sin is None
+                and not cfg.flash_decode and not cfg.attention_output_gate
+                and not getattr(cfg, "fused_single_qkv_rope", False)
+                and getattr(cfg, "cuda_graph_impl", "none") == "none"
+                and not getattr(self, "offload_qkv_linear", False)
+                and not getattr(self, "offload_core_attention", False)
+                and not getattr(self, "offload_attn_proj", False))
+
+    def _cache(self, ctx, key: torch.Tensor, value: torch.Tensor):
+        name = (CACHE_KEY, self.layer_number)
+        buffers = ctx.key_value_memory_dict.get(name)
+        if buffers is None:
+            # [S, B, ng, hn] like megatron-core's buffers, on the activations' device
+            shape = (ctx.max_sequence_length, ctx.max_batch_size, key.size(2))
+            buffers = (torch.empty(*shape, key.size(3), dtype=key.dtype, device=key.device),
+                       torch.empty(*shape, value.size(3), dtype=value.dtype, device=value.device))
+            ctx.key_value_memory_dict[name] = buffers
+        return buffers
+
+    def forward(self, hidden_states, attention_mask, key_value_states=None, inference_context=None,
+                rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None,
+                rotary_pos_cos_sin=None, attention_bias=None, packed_seq_params=None,
+                sequence_len_offset=None, *, inference_params=None):
+        ctx = inference_context if inference_context is not None else inference_params
+        if not self._covers(ctx, key_value_states, rotary_pos_cos, rotary_pos_sin,
+                            rotary_pos_cos_sin, packed_seq_params):
+            return super().forward(
+                hidden_states, attention_mask, key_value_states=key_value_states,
+                inference_context=inference_context, rotary_pos_emb=rotary_pos_emb,
+                rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
+                rotary_pos_cos_sin=rotary_pos_cos_sin, attention_bias=attention_bias,
+                packed_seq_params=packed_seq_params, sequence_len_offset=sequence_len_offset,
+                inference_params=inference_params)
+        cfg = self.config
+        if cfg.no_rope_freq and cfg.no_rope_freq[self.layer_number - 1]:
+            rotary_pos_emb = None
+        # [sq, b, h] -> q [sq, b, np, hn], k/v [sq, b, ng, hn] (q/k layernorms applied)
+        query, key, value = self.get_query_key_value_tensors(hidden_states, None)
+        start = ctx.sequence_len_offset
+        end = start + key.size(0)
+        b0 = ctx.batch_size_offset
+        b1 = b0 + key.size(1)
+        key_mem, value_mem = self._cache(ctx, key, value)
+        if end > key_mem.size(0) or b1 > key_mem.size(1):
+            raise RuntimeError(f"KV cache of {tuple(key_mem.shape[:2])} (slots, rows) is too small "
+                               f"for slots [{start}, {end}) of rows [{b0}, {b1})")
+        # the prompt forward is causal; past it a query sees every cached key (as megatron-core)
+        attn_mask_type = self.attn_mask_type if start == 0 else AttnMaskType.no_mask
+        if rotary_pos_emb is not None:
+            if isinstance(rotary_pos_emb, tuple):
+                q_emb, k_emb = rotary_pos_emb
+            else:
+                q_emb = k_emb = rotary_pos_emb
+            mscale = _yarn_get_concentration_factor_from_config(cfg)
+            cp = self.pg_collection.cp
+            # the table is indexed by cache slot: [S, 1 or b, 1, d] -> the rows of [start, end)
+            if q_emb is not None:
+                query = apply_rotary_pos_emb(query, q_emb[start:end], config=cfg, mscale=mscale,
+                                             cp_group=cp)
+            if k_emb is not None:
+                key = apply_rotary_pos_emb(key, k_emb[start:end], config=cfg, mscale=mscale,
+                                           cp_group=cp)
+        key_mem[start:end, b0:b1] = key
+        value_mem[start:end, b0:b1] = value
+        key = key_mem[:end, b0:b1]  # [sk, b, ng, hn], rotated
+        value = value_mem[:end, b0:b1]
+        core_attn_out = self.core_attention(query, key, value, attention_mask,
+                                            attn_mask_type=attn_mask_type,
+                                            attention_bias=attention_bias, packed_seq_params=None)
+        return self.linear_proj(core_attn_out)  # ([sq, b, h], bias)
+
+
+_SWAPS = {SelfAttention: RotatedKVSelfAttention, ColumnParallelLinear: InferenceColumnParallelLinear,
+          RowParallelLinear: InferenceRowParallelLinear}
+
+
+def inference_layer_spec(spec: ModuleSpec) -> ModuleSpec:
+    """A copy of ``spec`` with the inference-only modules in place of exactly megatron-core's
+    ``SelfAttention``, ``ColumnParallelLinear`` and ``RowParallelLinear`` (subclasses, Transformer
+    Engine layers and everything else are kept)."""
+    spec = copy.deepcopy(spec)
+
+    def visit(node):
+        if isinstance(node, ModuleSpec):
+            if node.module in _SWAPS:
+                node.module = _SWAPS[node.module]
+            visit(node.submodules)
+        elif node is not None and hasattr(node, "__dataclass_fields__"):
+            for name in node.__dataclass_fields__:
+                child = getattr(node, name)
+                if isinstance(child, type) and child in _SWAPS:
+                    setattr(node, name, _SWAPS[child])
+                else:
+                    visit(child)
+        elif isinstance(node, (list, tuple)):
+            for child in node:
+                visit(child)
+
+    visit(spec)
+    return spec
