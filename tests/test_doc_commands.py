@@ -194,6 +194,18 @@ def _check_outputs(env: Dict[str, str], ppo_name: str):
     sft = _jsonl(glob.glob(os.path.join(work, "output", "step1_sft", "log", "*",
                                         "metrics.jsonl"))[0])
     assert any("valid_lm_loss" in r for r in sft)
+    # MT-Bench: both models answered every question (two turns), every turn was judged, and with
+    # the tiny SFT model as the judge (no [[N]] in its replies) every judgment is FAILED, not a score
+    n_q = len(_jsonl(env["MT_BENCH_QUESTIONS"]))
+    for name in ("sft", "rlhf"):
+        ans = _jsonl(os.path.join(work, "mt_bench", "answers", f"{name}.jsonl"))
+        assert len(ans) == n_q and all(len(a["choices"][0]["turns"]) == 2 for a in ans)
+    judged = _jsonl(os.path.join(work, "mt_bench", "judgments", "judge.jsonl"))
+    assert len(judged) == 2 * 2 * n_q and all(j["score"] is None for j in judged)
+    table = open(os.path.join(work, "mt_bench", "mt_bench_table.md"), encoding="utf-8").read()
+    rows = {r.split("|")[1].strip(): r for r in table.splitlines() if r.startswith("| ")}
+    for name in ("sft", "rlhf"):
+        assert rows[name].rstrip(" |").endswith(str(2 * n_q)), rows  # the Failed column
 
 
 def test_llama2_tutorial(tmp_path):
@@ -215,7 +227,7 @@ def test_bloom_tutorial(tmp_path):
     assert cfg["architectures"] == ["BloomForCausalLM"]
 
 
-def test_tutorials_have_settings_and_placeholder():
+def test_tutorials_have_settings_and_evaluation():
     for name in ("llama2.md", "bloom.md"):
         path = os.path.join(TUTORIALS, name)
         steps = tutorial_steps(path)
