@@ -217,7 +217,6 @@ def test_llama2_tutorial(tmp_path):
     assert cfg["architectures"] == ["LlamaForCausalLM"]
 
 
-@pytest.mark.slow
 def test_bloom_tutorial(tmp_path):
     tiny = str(tmp_path)
     make_tiny("bloom", tiny)
