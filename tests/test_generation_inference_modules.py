@@ -83,8 +83,11 @@ def test_reused_context_holds_rotated_keys_and_training_forward_unchanged(work):
     a2 = generate(fast.model, prompts, params, vocab_size=fast.vocab_size, inference_context=ctx)
     b = generate(ref.model, prompts, params, vocab_size=ref.vocab_size)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a2.tokens, b.tokens)
-    # autograd on, no inference context: the megatron-core code paths, same logits and gradients
-    ids = torch.tensor([prompts[1]])
+    # autograd on, no inference context: the megatron-core code paths, same logits and gradients;
+    # 64 tokens = the context's length, so the rotary table megatron-core cached while generating
+    # (under torch.inference_mode) is the one this training forward reads
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, fast.vocab_size, (1, 64), generator=g)
     pos = torch.arange(ids.shape[1])[None]
     outs = []
     for lm in (fast, ref):

@@ -116,12 +116,39 @@ class RotatedKVSelfAttention(SelfAttention):
         name = (CACHE_KEY, self.layer_number)
         buffers = ctx.key_value_memory_dict.get(name)
         if buffers is None:
-            # [S, B, ng, hn] like megatron-core's buffers, on the activations' device
-            shape = (ctx.max_sequence_length, ctx.max_batch_size, key.size(2))
+            # [B, ng, S, hn]: each head's keys contiguous, the layout attention kernels read best
+            # (megatron-core's buffers are [S, B, ng, hn]); handed on as [s, b, ng, hn] views
+            shape = (ctx.max_batch_size, key.size(2), ctx.max_sequence_length)
             buffers = (torch.empty(*shape, key.size(3), dtype=key.dtype, device=key.device),
                        torch.empty(*shape, value.size(3), dtype=value.dtype, device=value.device))
             ctx.key_value_memory_dict[name] = buffers
         return buffers
+
+    def _rope(self, ctx, t: torch.Tensor, table: torch.Tensor, start: int, end: int):
+        """RoPE on the rows [start, end) of the cache: ``table`` is indexed by cache slot,
+        [S, 1 or b, 1, d]. The cos/sin of a slice are computed once per forward and shared by the
+        layers and by q and k (megatron-core's ``apply_rotary_pos_emb`` recomputes them per call);
+        the arithmetic is its unfused ``_apply_rotary_pos_emb_bshd``, operation for operation."""
+        cfg = self.config
+        mscale = _yarn_get_concentration_factor_from_config(cfg)
+        if cfg.apply_rope_fusion or cfg.rotary_interleaved or cfg.multi_latent_attention:
+            return apply_rotary_pos_emb(t, table[start:end], config=cfg, mscale=mscale,
+                                        cp_group=self.pg_collection.cp)
+        memo = ctx.__dict__.setdefault("rotated_kv_rope_memo", {})
+        key = (id(table), start, end, mscale, t.dtype)
+        hit = memo.get(key)
+        if hit is None or hit[0] is not table:
+            freqs = table[start:end]
+            hit = (table, freqs.shape[-1], (torch.cos(freqs) * mscale).to(t.dtype),
+                   (torch.sin(freqs) * mscale).to(t.dtype))
+            if len(memo) > 8:
+                memo.clear()
+            memo[key] = hit
+        _, rot, cos_, sin_ = hit
+        x, x_pass = t[..., :rot], t[..., rot:]
+        x1, x2 = torch.chunk(x, 2, dim=-1)
+        x = (x * cos_) + (torch.cat((-x2, x1), dim=-1) * sin_)
+        return torch.cat((x, x_pass), dim=-1) if x_pass.shape[-1] else x
 
     def forward(self, hidden_states, attention_mask, key_value_states=None, inference_context=None,
                 rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None,
@@ -147,8 +174,8 @@ class RotatedKVSelfAttention(SelfAttention):
         b0 = ctx.batch_size_offset
         b1 = b0 + key.size(1)
         key_mem, value_mem = self._cache(ctx, key, value)
-        if end > key_mem.size(0) or b1 > key_mem.size(1):
-            raise RuntimeError(f"KV cache of {tuple(key_mem.shape[:2])} (slots, rows) is too small "
+        if end > key_mem.size(2) or b1 > key_mem.size(0):
+            raise RuntimeError(f"KV cache of {key_mem.size(2)} slots x {key_mem.size(0)} rows is too small "
                                f"for slots [{start}, {end}) of rows [{b0}, {b1})")
         # the prompt forward is causal; past it a query sees every cached key (as megatron-core)
         attn_mask_type = self.attn_mask_type if start == 0 else AttnMaskType.no_mask
@@ -157,19 +184,15 @@ class RotatedKVSelfAttention(SelfAttention):
                 q_emb, k_emb = rotary_pos_emb
             else:
                 q_emb = k_emb = rotary_pos_emb
-            mscale = _yarn_get_concentration_factor_from_config(cfg)
-            cp = self.pg_collection.cp
-            # the table is indexed by cache slot: [S, 1 or b, 1, d] -> the rows of [start, end)
             if q_emb is not None:
-                query = apply_rotary_pos_emb(query, q_emb[start:end], config=cfg, mscale=mscale,
-                                             cp_group=cp)
+                query = self._rope(ctx, query, q_emb, start, end)
             if k_emb is not None:
-                key = apply_rotary_pos_emb(key, k_emb[start:end], config=cfg, mscale=mscale,
-                                           cp_group=cp)
-        key_mem[start:end, b0:b1] = key
-        value_mem[start:end, b0:b1] = value
-        key = key_mem[:end, b0:b1]  # [sk, b, ng, hn], rotated
-        value = value_mem[:end, b0:b1]
+                key = self._rope(ctx, key, k_emb, start, end)
+        # [s, b, ng, hn] -> [b, ng, s, hn] into the cache; read back as [sk, b, ng, hn] views
+        key_mem[b0:b1, :, start:end] = key.permute(1, 2, 0, 3)
+        value_mem[b0:b1, :, start:end] = value.permute(1, 2, 0, 3)
+        key = key_mem[b0:b1, :, :end].permute(2, 0, 1, 3)  # rotated
+        value = value_mem[b0:b1, :, :end].permute(2, 0, 1, 3)
         core_attn_out = self.core_attention(query, key, value, attention_mask,
                                             attn_mask_type=attn_mask_type,
                                             attention_bias=attention_bias, packed_seq_params=None)
