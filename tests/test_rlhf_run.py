@@ -199,6 +199,39 @@ def test_grpo_through_a_yaml_folder(ws):
     assert not os.path.exists(os.path.join(out, "ppo_value"))
 
 
+def test_generation_twin_in_its_own_layout_through_yaml(ws):
+    """ppo_policy trained at TP=2 on 2 processes while its inference twin (policy) generates at
+    TP=1 in 2 data-parallel replicas: the trained weights are resharded into the twin after every
+    episode (time_weight_sync_s), and the run resumes from its own output like any other."""
+    tiny = {"reward_function": "rlhf_rewards:low_ids", "num_samples_per_prompt": 2,
+            "max_new_tokens": 12, "max_prompt_length": 24}
+    files = {f"{n}.yaml": {"includes": [os.path.join(LLAMA2, f"{src}.yaml"), "tiny.yaml"], **extra}
+             for n, src, extra in (("ppo_policy", "ppo_policy", {"tensor_model_parallel_size": 2}),
+                                   ("policy", "policy_inference", {}),
+                                   ("reference", "reference", {}))}
+    main = {"models": {"ppo_policy": {"model_config_file": "ppo_policy.yaml", "trainable": True,
+                                      "num_device": 2},
+                       "policy": {"model_config_file": "policy.yaml", "num_device": 2},
+                       "reference": {"model_config_file": "reference.yaml", "num_device": 2}},
+            "rlhf": {"algorithm": "grpo", "colocation": ["ppo_policy", "policy", "reference"],
+                     "generation_batch_size": 4, "train_micro_batch_size": 2,
+                     "train_global_batch_size": 4, "sample_per_episode": 8, "num_ppo_episode": 2,
+                     "data_path": "${DATASET_PATH}",
+                     "output_dir": "${OUTPUT_DIR}/step3_rlhf/${exp_name}"}}
+    cfg = _folder(os.path.join(ws["tmp"], "twin_cfg"), main, dict(files, **{"tiny.yaml": tiny}))
+    r = _bash(RUN_RLHF, "0,1", cwd=ws["tmp"], CONFIG_DIR=cfg, TP="1", MODEL_SIZE="auto",
+              **_vars(ws, exp_name="tiny_twin", NUM_DEVICE="2"))
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "TP=2 PP=1" in r.stdout + r.stderr and "generation: llama, frozen, TP=1" in \
+        r.stdout + r.stderr, r.stdout[-3000:]
+    out = os.path.join(ws["tmp"], "output", "step3_rlhf", "tiny_twin")
+    episodes = _episodes(os.path.join(out, "log", "metrics.jsonl"))
+    assert [e["iteration"] for e in episodes] == [1, 2]
+    assert all(e["time_weight_sync_s"] > 0 and 0 <= e["reward_mean"] <= 1 for e in episodes)
+    meta = json.load(open(os.path.join(out, "ppo_policy", "megatron_patch.json")))
+    assert meta["tensor_model_parallel_size"] == 2
+
+
 # ------------------------------------------------------------------------- bad configurations
 
 
@@ -237,10 +270,15 @@ BAD = {
     "reward function returns a scalar": (("policy", "policy_inference.yaml",
                                           {"reward_function": "bad_rewards:scalar"}), {},
                                          "returned 0.5", "one number per response"),
-    "per-role layout": (("reward_ref", "reward_inference.yaml",
-                         {"tensor_model_parallel_size": 2}),
-                        {"NUM_DEVICE": "2", "WORLD_SIZE": "2"}, "TP=2 PP=1 differs from "
-                        "ppo_policy's TP=1 PP=1", "one shared TP/PP layout"),
+    "layout larger than the job": (("reward_ref", "reward_inference.yaml",
+                                    {"tensor_model_parallel_size": 2}), {},
+                                   "models.reward_ref",
+                                   "num_device 1 is not a multiple of TP x PP = 2"),
+    "value twin in another layout": (("reward_forward", "value_inference.yaml",
+                                      {"tensor_model_parallel_size": 2}),
+                                     {"NUM_DEVICE": "2", "WORLD_SIZE": "2"},
+                                     "TP=2 PP=1 differs from reward_train's TP=1 PP=1",
+                                     "give reward_forward the layout of reward_train"),
     "missing checkpoint": ({}, {"POLICY_LOAD": "/nonexistent/sft"}, "/nonexistent/sft",
                            "not a checkpoint folder"),
     "missing load_iteration": ({}, {"REWARD_LOAD_ITERATION": "7"}, "(role reward_ref)",

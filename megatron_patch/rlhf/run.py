@@ -18,7 +18,7 @@ prompts, KL controller), the trainable roles' checkpoints (their ``save``, defau
 the same command resumes from ``rlhf_state.json``.
 
 Everything that can be checked before a model is built is (``prepare``): the YAML schema, the
-process count against every role's ``num_device``, one shared TP/PP layout, the checkpoints (and
+process count against every role's ``num_device``, each role's TP/PP layout (dividing the job), the checkpoints (and
 ``load_iteration``), the prompt files, the reward function (imported and called once on a probe).
 Any error is one ``error: ...`` line (rank 0) and exit code 2. ``--check`` stops there and prints
 the output folder (the launch script's pre-flight).
@@ -176,12 +176,18 @@ def prepare(path: str, world_size: int, warn: Callable[[str], None],
             f" (virtual pipeline {T.layout_of(a)[2:]})" if vpp else "")
 
     for n, a in list(args.items()) + list(twins.items()):
-        if T.layout_of(a) != T.layout_of(args["ppo_policy"]):
-            raise _err(models[n], f"{shape(a)} differs from ppo_policy's "
-                                  f"{shape(args['ppo_policy'])}: every role runs with one shared "
-                                  "TP/PP layout here (per-role layouts with resharding are not "
-                                  "implemented yet); give every model file the same "
-                                  "tensor_model_parallel_size and pipeline_model_parallel_size")
+        size = a.tensor_model_parallel_size * a.pipeline_model_parallel_size
+        if world_size % size:
+            raise _err(models[n], f"{shape(a)} does not divide the {world_size} process(es) of "
+                                  "this job (every role runs on all of them, in world / (TP x PP) "
+                                  "data-parallel replicas)")
+    # the value model's inference twin is the value model itself: one layout for both
+    if "reward_forward" in twins and "reward_train" in args and \
+            T.layout_of(twins["reward_forward"]) != T.layout_of(args["reward_train"]):
+        raise _err(models["reward_forward"],
+                   f"{shape(twins['reward_forward'])} differs from reward_train's "
+                   f"{shape(args['reward_train'])}: the value model scores with its trained "
+                   "weights in their own layout; give reward_forward the layout of reward_train")
     for twin, of in TWINS.items():
         if twin in twins and of in args and twins[twin].load != args[of].load:
             warn(f"{models[twin].model_config_file}: load {twins[twin].load} is not read: the "
@@ -230,6 +236,12 @@ def prepare(path: str, world_size: int, warn: Callable[[str], None],
         raise
     pa = args["ppo_policy"]
     trainer_args = {ROLE_ARGS[n]: a for n, a in args.items()}
+    if "policy" in twins and T.layout_of(twins["policy"]) != T.layout_of(pa):
+        # the policy's inference twin in a layout of its own: it starts from the trained
+        # policy's weights and receives them resharded after every episode
+        generation = argparse.Namespace(**vars(twins["policy"]))
+        generation.load, generation.pretrained_checkpoint = pa.load, pa.pretrained_checkpoint
+        trainer_args["generation"] = generation
     return Plan(cfg, ppo, trainer_args, prompts, eval_prompts, root,
                 os.path.abspath(pa.log_dir or os.path.join(root, "log")),
                 os.path.abspath(pa.tensorboard_dir or os.path.join(root, "tensorboard")), views)
@@ -277,7 +289,7 @@ def main(argv: Optional[list] = None) -> int:
     def body():
         T.run(plan.ppo, a["policy"], a.get("reward"), a.get("value"), plan.prompts, plan.root,
               plan.log_dir, plan.tensorboard_dir, reference_args=a["reference"],
-              eval_prompts=plan.eval_prompts)
+              eval_prompts=plan.eval_prompts, generation_args=a.get("generation"))
     return run_entry(body, cleanup=plan.cleanup)
 
 

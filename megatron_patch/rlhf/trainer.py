@@ -28,7 +28,13 @@ padding is masked). The policy's token entropy (over the tensor-parallel vocabul
 ``entropy_coef`` > 0 adds the entropy bonus to the policy loss. With held-out prompts and
 ``eval_episode_interval``, the policy is evaluated (``eval_temperature``, 0 = greedy; reward,
 KL to the reference, length) before training and every that many episodes.
-Not implemented: per-role TP/PP layouts.
+
+Per-role layouts: each role has its own TP/PP (``megatron_patch.rlhf.layouts``: every role on
+every process, world / (TP x PP) data-parallel replicas each). Every rank holds all the samples
+of an episode; a role's replicas take equal shares for their forwards (outputs gathered back) and
+for each mini-batch of training. The policy's inference twin (``generation_args``) in another
+layout is a second copy that receives the trained weights, resharded through a torch_dist
+checkpoint, after every episode; in the same layout the policy generates itself.
 
 Settings: ``PPOConfig`` (defaults: the YAML schema of ``megatron_patch.rlhf.config``), built from
 a YAML folder by ``ppo_config_from``; ``python -m megatron_patch.rlhf.run RLHF_YAML`` runs one,
@@ -46,7 +52,9 @@ import importlib
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from functools import partial
 from typing import Callable, Dict, List, Optional
@@ -63,6 +71,7 @@ from megatron_patch.generation import SamplingParams, generate
 from megatron_patch.generation.engine import unwrap
 from megatron_patch.models.builder import build_gpt_model, padded_vocab
 from megatron_patch.rlhf import losses as L
+from megatron_patch.rlhf.layouts import Layouts
 from megatron_patch.rlhf.config import (RLHFConfigError, RLHFSettings,
                                      RoleRLHFKeys)
 from megatron_patch.training import checkpointing, engine
@@ -208,10 +217,15 @@ def ppo_config_from(rlhf_config, warn: Callable[[str], None] = _warn) -> PPOConf
 
 class Role:
     def __init__(self, name: str, args, arch, model: List[torch.nn.Module], vocab: int,
-                 optimizer=None, scheduler=None, vocab_limit: Optional[int] = None):
+                 optimizer=None, scheduler=None, vocab_limit: Optional[int] = None,
+                 layout_key: tuple = None):
         self.name, self.args, self.arch, self.model, self.vocab = name, args, arch, model, vocab
         self.optimizer, self.scheduler = optimizer, scheduler
         self.vocab_limit = vocab_limit  # token ids the tokenizer can produce (the rest: padding)
+        self.layout = layout_key  # its megatron-core parallel layout (Layouts key)
+        self.dp = parallel_state.get_data_parallel_world_size()  # (built under that layout)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.pp = parallel_state.get_pipeline_model_parallel_world_size()
 
     @property
     def trainable(self) -> bool:
@@ -348,35 +362,49 @@ LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                "virtual_pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage")
 
 
+def layout_key(args, arch=None) -> tuple:
+    """The Layouts key of a role's arguments (after resolve_arch, which sets the virtual
+    pipeline size)."""
+    vpp = getattr(args, "virtual_pipeline_model_parallel_size", None)
+    return Layouts.key(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, vpp,
+                       getattr(args, "expert_model_parallel_size", 1) or 1)
+
+
 def layout_of(args) -> tuple:
     return tuple(getattr(args, k, None) for k in LAYOUT_KEYS)
 
 
-def check_layouts(role_args: Dict[str, Optional[argparse.Namespace]]) -> None:
-    """Every role runs in one megatron-core process-group layout (that of the first entry, the
-    policy): another TP/PP/virtual-PP size is an ArgumentError (per-role layouts with resharding are
-    not implemented)."""
-    (first, ref), *rest = [(k, v) for k, v in role_args.items() if v is not None]
-    for name, args in rest:
-        if layout_of(args) != layout_of(ref):
-            raise ArgumentError(
-                f"the {name} role's layout (TP, PP, virtual PP, layers per virtual stage) = "
-                f"{layout_of(args)} differs from the {first}'s {layout_of(ref)}: every role runs "
-                "with one shared TP/PP layout here (per-role layouts with resharding are not "
-                "implemented yet)")
+def check_layouts(role_args: Dict[str, Optional[argparse.Namespace]], world: int) -> None:
+    """Every role's TP x PP must divide the world (each role runs on every process, with
+    world / (TP x PP) data-parallel replicas): an ArgumentError naming the role otherwise."""
+    for name, args in role_args.items():
+        if args is None:
+            continue
+        size = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+        if world % size:
+            raise ArgumentError(f"the {name} role's TP={args.tensor_model_parallel_size} x "
+                                f"PP={args.pipeline_model_parallel_size} does not divide the "
+                                f"{world} processes of this job (every role runs on all of them)")
 
 
 class RLHFTrainer:
     def __init__(self, cfg: PPOConfig, policy_args, reward_args=None, value_args=None,
-                 reference_args=None):
+                 reference_args=None, generation_args=None):
         """``reference_args``: the reference model's arguments (default: ``policy_args``; it must
-        load a checkpoint). Every role runs with the TP/PP layout of ``policy_args``."""
+        load a checkpoint). Each role runs with the TP/PP layout of its own arguments (every role
+        on every process). ``generation_args``: the layout of the policy's inference twin when it
+        differs from the trained policy's: a second copy of the policy generates, and the trained
+        weights are resharded into it after every episode (``time_weight_sync_s``); with the
+        same layout (or None) the trained policy generates itself (no copy)."""
         self.cfg = cfg
         check_config(cfg)
         if reward_args is None and not cfg.reward_function:
             raise ArgumentError("give a reward model or a reward_function (module:function)")
-        check_layouts({"policy": policy_args, "reference": reference_args,
-                       "reward": reward_args, "value": value_args})
+        platform.init_process_group()
+        world = dist.get_world_size()
+        check_layouts({"policy": policy_args, "generation": generation_args,
+                       "reference": reference_args, "reward": reward_args, "value": value_args},
+                      world)
         self.reward_fn = load_reward_function(cfg.reward_function) if cfg.reward_function else None
         steps = cfg.num_episodes * cfg.num_training_epoch * (cfg.sample_per_episode //
                                                              cfg.train_global_batch_size)
@@ -384,25 +412,24 @@ class RLHFTrainer:
         init_args = argparse.Namespace(**vars(policy_args))  # the schedule is the trainer's
         init_args.train_iters, init_args.train_tokens, init_args.epochs = steps, None, None
         engine.initialize(init_args)
-        self.dp = parallel_state.get_data_parallel_world_size()
-        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.layouts = Layouts(layout_key(init_args))
         self.tokenizer, original = load_tokenizer(policy_args, arch)
         self.eos = self.tokenizer.eos
         self.pad = self.tokenizer.pad
         self.vocab_limit = original
         self.padded_vocab = padded_vocab(original, policy_args.make_vocab_size_divisible_by,
                                          policy_args.tensor_model_parallel_size)
-        per_rank = cfg.sample_per_episode // self.dp
-        if cfg.sample_per_episode % cfg.train_global_batch_size or \
-                cfg.train_global_batch_size % (cfg.train_micro_batch_size * self.dp):
-            raise ArgumentError("sample_per_episode must be a multiple of train_global_batch_size, "
-                                "itself a multiple of train_micro_batch_size x data parallel")
+        if cfg.sample_per_episode % cfg.train_global_batch_size:
+            raise ArgumentError("sample_per_episode must be a multiple of train_global_batch_size")
         group = cfg.num_samples_per_prompt if cfg.algorithm == "grpo" else 1
-        if per_rank % group:
-            raise ArgumentError("sample_per_episode / data parallel must be a multiple of "
-                                "num_samples_per_prompt")
+        if cfg.sample_per_episode % group:
+            raise ArgumentError("sample_per_episode must be a multiple of num_samples_per_prompt")
         self.seq = cfg.max_prompt_length + cfg.max_new_tokens
         self.policy = self._role("policy", policy_args, arch, steps, trainable=True)
+        self.generator = self.policy  # the role that generates: the policy, or its inference twin
+        if generation_args is not None and layout_key(generation_args, arch) != self.policy.layout:
+            self.generator = self._role("generation", generation_args, None, steps,
+                                        trainable=False)
         self.reference = self._role("reference", reference_args or policy_args,
                                     None if reference_args is not None else arch, steps,
                                     trainable=False)
@@ -419,6 +446,19 @@ class RLHFTrainer:
         self.episode = 0
         self.consumed_prompts = 0
         self._orders: Dict[int, List[int]] = {}
+        roles = [r for r in (self.policy, self.generator, self.reference, self.reward, self.value)
+                 if r is not None]
+        n = cfg.sample_per_episode
+        for r in roles:  # every role takes an equal share of the episode's samples per replica
+            if n % r.dp or (r.pp > 1 and (n // r.dp) % cfg.train_micro_batch_size):
+                raise ArgumentError(
+                    f"sample_per_episode {n} must split into the {r.dp} data-parallel replicas of "
+                    f"the {r.name} role" + (f" in whole micro-batches of "
+                                            f"{cfg.train_micro_batch_size}" if r.pp > 1 else ""))
+            if r.trainable and cfg.train_global_batch_size % (cfg.train_micro_batch_size * r.dp):
+                raise ArgumentError(f"train_global_batch_size must be a multiple of "
+                                    f"train_micro_batch_size x the {r.name} role's data parallel "
+                                    f"size ({cfg.train_micro_batch_size} x {r.dp})")
 
     # -- set-up
 
@@ -432,9 +472,16 @@ class RLHFTrainer:
         validate(args, dist.get_world_size())  # precision, data parallel size, schedule
         if arch is None:
             arch = engine.resolve_arch(args)
+        key = layout_key(args, arch)
+        self.layouts.add(key)
+        with self.layouts.use(key):
+            return self._build_role(name, args, arch, trainable, head, key)
+
+    def _build_role(self, name, args, arch, trainable, head, key) -> Role:
         src = engine.checkpoint_source(args)
         meta = layout.read_meta(src) if src else {}
-        vocab = meta.get("padded_vocab_size") or self.padded_vocab
+        vocab = meta.get("padded_vocab_size") or padded_vocab(
+            self.vocab_limit, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
         config = engine.build_config(args, arch)
         builder = partial(build_gpt_model, reward_head=True) if head else None
         model = engine.build_model(args, arch, config, vocab, model_builder=builder)
@@ -452,9 +499,40 @@ class RLHFTrainer:
         for m in model if not trainable else []:
             for p in m.parameters():
                 p.requires_grad_(False)
-        print_rank_last(f"> {name}: {arch.family}, {'trainable' if trainable else 'frozen'}"
-                        f"{', from ' + src if src else ''}")
-        return Role(name, args, arch, model, vocab, optimizer, scheduler, self.vocab_limit)
+        print_rank_last(f"> {name}: {arch.family}, {'trainable' if trainable else 'frozen'}, "
+                        f"TP={key[0]} PP={key[1]}{', from ' + src if src else ''}")
+        return Role(name, args, arch, model, vocab, optimizer, scheduler, self.vocab_limit, key)
+
+    # -- the rows of an episode: every rank holds all of them; a role's replica takes its share
+
+    @staticmethod
+    def _share(role: Role, n: int) -> slice:
+        per = n // role.dp
+        return slice(role.dp_rank * per, (role.dp_rank + 1) * per)
+
+    def _gather_rows(self, role: Role, t: torch.Tensor) -> torch.Tensor:
+        """``t``: the rows of this rank's share, valid on the role's last pipeline stage -> every
+        row of every replica, on every rank (broadcast from the last stage, then all-gathered over
+        the role's data-parallel group). Call under the role's layout."""
+        dev = platform.current_device()
+        t = t.to(dev).contiguous()
+        if role.pp > 1:
+            dist.broadcast(t, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                           group=parallel_state.get_pipeline_model_parallel_group())
+        if role.dp > 1:
+            parts = [torch.empty_like(t) for _ in range(role.dp)]
+            dist.all_gather(parts, t, group=parallel_state.get_data_parallel_group())
+            t = torch.cat(parts)
+        return t.cpu()
+
+    def _collect(self, role: Role, exp, key_out: str, transform=None) -> None:
+        """exp[key_out] = the role's per-position output for every row (its replicas score equal
+        shares, then the outputs are gathered)."""
+        n = exp["tokens"].shape[0]
+        mine = {k: exp[k][self._share(role, n)] for k in ("tokens", "position_ids", "mask")}
+        with self.layouts.use(role.layout):
+            collect(role, mine, key_out, self.cfg.train_micro_batch_size, self.seq, transform)
+            exp[key_out] = self._gather_rows(role, mine[key_out])
 
     # -- experience
 
@@ -465,9 +543,6 @@ class RLHFTrainer:
         pick = [self._prompt_index(self.consumed_prompts + i, len(dataset.ids)) for i in range(n)]
         ids = [dataset.ids[k] for k in pick]
         texts = [dataset.prompts[k] for k in pick]
-        per = n // self.dp
-        mine = slice(self.dp_rank * per, (self.dp_rank + 1) * per)
-        ids, texts = ids[mine], texts[mine]
         return [p for p in ids for _ in range(group)], [t for t in texts for _ in range(group)]
 
     def _prompt_index(self, i: int, n: int) -> int:
@@ -487,45 +562,27 @@ class RLHFTrainer:
         ``evaluation``: ``eval_temperature`` (0: greedy), one seed for every evaluation (the same
         sampling noise at every episode), no values. Sets ``self.last_timing`` (seconds of the
         generation and of the scoring forwards)."""
-        cfg = self.cfg
         t0 = time.time()
-        rows, masks, resp_ids, ended = [], [], [], []
-        gb = cfg.generation_batch_size
-        temperature = cfg.eval_temperature if evaluation else cfg.temperature
-        for i in range(0, len(prompts), gb):
-            chunk = prompts[i:i + gb]
-            episode_seed = -1 if evaluation else self.episode
-            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=temperature,
-                                    greedy=temperature == 0,
-                                    top_k=cfg.top_k, top_p=cfg.top_p,
-                                    repetition_penalty=cfg.repetition_penalty,
-                                    stop_token_ids=[self.eos],
-                                    seed=cfg.seed * 100003 + episode_seed * 1009 + i +
-                                    self.dp_rank * 7919)
-            out = generate(self.policy.model[0], chunk, params, pad_id=self.pad,
-                           vocab_size=self.vocab_limit)
-            for j, p in enumerate(chunk):
-                r = out.row(j)
-                resp_ids.append(r)
-                ended.append(out.finish_reasons[j] == "stop_token")
-                row = torch.full((self.seq,), self.pad, dtype=torch.long)
-                row[:len(p) + len(r)] = torch.tensor(list(p) + r, dtype=torch.long)
-                m = torch.zeros(self.seq)
-                m[len(p) - 1:len(p) - 1 + len(r)] = 1.0  # actions: outputs at t predict t + 1
-                rows.append(row)
-                masks.append(m)
+        rows, masks = [], []
+        resp_ids, ended = self._generate(prompts, evaluation)
+        for p, r in zip(prompts, resp_ids):  # one row per sample
+            row = torch.full((self.seq,), self.pad, dtype=torch.long)
+            row[:len(p) + len(r)] = torch.tensor(list(p) + r, dtype=torch.long)
+            m = torch.zeros(self.seq)
+            m[len(p) - 1:len(p) - 1 + len(r)] = 1.0  # actions: outputs at t predict t + 1
+            rows.append(row)
+            masks.append(m)
         exp = {"tokens": torch.stack(rows), "mask": torch.stack(masks),
                "position_ids": torch.arange(self.seq).expand(len(rows), -1).clone()}
         t_gen = time.time()
-        micro = cfg.train_micro_batch_size
         neg = (lambda o: -o)
-        collect(self.policy, exp, "old_logprobs", micro, self.seq, neg)
-        collect(self.reference, exp, "ref_logprobs", micro, self.seq, neg)
+        self._collect(self.policy, exp, "old_logprobs", neg)
+        self._collect(self.reference, exp, "ref_logprobs", neg)
         if self.value is not None and not evaluation:
-            collect(self.value, exp, "values", micro, self.seq)
+            self._collect(self.value, exp, "values")
         score = torch.zeros(len(rows))
         if self.reward is not None:
-            collect(self.reward, exp, "rm_values", micro, self.seq)
+            self._collect(self.reward, exp, "rm_values")
             # the reward model reads the last real token: the last action's target position
             last = L.last_index(exp["mask"]) + 1
             score = score + exp.pop("rm_values")[torch.arange(len(rows)), last]
@@ -540,35 +597,94 @@ class RLHFTrainer:
         self.last_timing = {"generation": t_gen - t0, "scoring": time.time() - t_gen}
         return exp
 
+    def _generate(self, prompts: List[List[int]], evaluation: bool):
+        """Responses to every prompt (lists of token ids) and whether each ended with EOS. The
+        generating role's replicas take equal shares of the prompts, in chunks of
+        generation_batch_size; each chunk's sampling seed depends on the episode and on the chunk's
+        place among all the prompts, so the samples do not depend on the data-parallel size when
+        the shares are whole chunks."""
+        cfg, g = self.cfg, self.generator
+        temperature = cfg.eval_temperature if evaluation else cfg.temperature
+        episode_seed = -1 if evaluation else self.episode
+        n = len(prompts)
+        share = self._share(g, n)
+        mine_ids, mine_ended = [], []
+        with self.layouts.use(g.layout):
+            gb = cfg.generation_batch_size
+            for i in range(share.start, share.stop, gb):
+                chunk = prompts[i:min(i + gb, share.stop)]
+                params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=temperature,
+                                        greedy=temperature == 0, top_k=cfg.top_k, top_p=cfg.top_p,
+                                        repetition_penalty=cfg.repetition_penalty,
+                                        stop_token_ids=[self.eos],
+                                        seed=cfg.seed * 100003 + episode_seed * 1009 + i)
+                out = generate(g.model[0], chunk, params, pad_id=self.pad,
+                               vocab_size=self.vocab_limit)
+                for j in range(len(chunk)):
+                    mine_ids.append(out.row(j))
+                    mine_ended.append(out.finish_reasons[j] == "stop_token")
+            if g.dp == 1:
+                return mine_ids, mine_ended
+            parts = [None] * g.dp
+            dist.all_gather_object(parts, (mine_ids, mine_ended),
+                                   group=parallel_state.get_data_parallel_group())
+        return [r for p in parts for r in p[0]], [e for p in parts for e in p[1]]
+
+    def sync_generator(self) -> float:
+        """Reshard the trained policy's weights into its inference twin (another layout) through
+        a torch_dist checkpoint in a temporary folder (megatron-core's dist_checkpointing does the
+        resharding); seconds taken (0 when the policy generates itself)."""
+        if self.generator is self.policy:
+            return 0.0
+        t0 = time.time()
+        tmp = [tempfile.mkdtemp(prefix="rlhf_sync_") if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(tmp, src=0)
+        try:
+            with self.layouts.use(self.policy.layout):
+                checkpointing.save_checkpoint(tmp[0], 1, self.policy.model, None, None, {},
+                                              ckpt_format="torch_dist")
+            with self.layouts.use(self.generator.layout):
+                checkpointing.load_weights_only(tmp[0], self.generator.model)
+        finally:
+            dist.barrier()
+            if dist.get_rank() == 0:
+                shutil.rmtree(tmp[0], ignore_errors=True)
+        return time.time() - t0
+
     def evaluate(self, dataset) -> Dict[str, float]:
         """The current policy on the held-out prompts: ``eval_reward_mean`` / ``_std`` (over every
         sample of every data-parallel rank), ``eval_kl`` (k1 to the reference, summed over a
         response, mean over samples), ``eval_response_length``, ``eval_ended``, ``eval_samples``.
         The first ``n`` prompts are used, ``n`` the largest multiple of train_micro_batch_size x
-        data parallel that the file holds; data-parallel ranks take disjoint shares."""
-        micro = self.cfg.train_micro_batch_size
-        per = len(dataset.ids) // self.dp // micro * micro
-        mine = slice(self.dp_rank * per, (self.dp_rank + 1) * per)
-        exp = self.make_experience(dataset.ids[mine], dataset.prompts[mine], evaluation=True)
+        every role's data-parallel size that the file holds (``eval_size``); each role's replicas
+        take equal shares."""
+        n = self.eval_size(len(dataset.ids))
+        exp = self.make_experience(dataset.ids[:n], dataset.prompts[:n], evaluation=True)
         kl = (L.kl_penalty(exp["old_logprobs"], exp["ref_logprobs"], "k1") * exp["mask"]).sum(-1)
         score = exp["score"].double()
-        sums = torch.stack([score.sum(), (score * score).sum(), kl.double().sum(),
-                            exp["response_length"].double().sum(), exp["ended"].double().sum(),
-                            torch.tensor(float(len(score)), dtype=torch.float64)])
-        if self.dp > 1:
-            sums = sums.to(platform.current_device())
-            dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
-        s, s2, k, length, ended, n = sums.cpu().tolist()
-        mean = s / n
-        return {"eval_reward_mean": mean, "eval_reward_std": math.sqrt(max(s2 / n - mean * mean, 0)),
-                "eval_kl": k / n, "eval_response_length": length / n, "eval_ended": ended / n,
-                "eval_samples": int(n)}
+        return {"eval_reward_mean": score.mean().item(),
+                "eval_reward_std": score.std(unbiased=False).item(),
+                "eval_kl": kl.double().mean().item(),
+                "eval_response_length": exp["response_length"].double().mean().item(),
+                "eval_ended": exp["ended"].double().mean().item(), "eval_samples": n}
+
+    def eval_unit(self) -> int:
+        """train_micro_batch_size x the data-parallel sizes of the roles an evaluation uses
+        (their least common multiple)."""
+        unit = 1
+        for r in (self.policy, self.generator, self.reference, self.reward):
+            if r is not None:
+                unit = math.lcm(unit, r.dp * self.cfg.train_micro_batch_size)
+        return unit
+
+    def eval_size(self, available: int) -> int:
+        """The held-out prompts an evaluation uses: the largest multiple of ``eval_unit``."""
+        return available // self.eval_unit() * self.eval_unit()
 
     def advantages(self, exp) -> Dict[str, float]:
         cfg, mask = self.cfg, exp["mask"]
         kl_tok = L.kl_penalty(exp["old_logprobs"], exp["ref_logprobs"], "k1") * mask
         stats = {"kl": (kl_tok.sum(-1)).mean().item()}
-        dp_group = parallel_state.get_data_parallel_group() if self.dp > 1 else None
         if cfg.algorithm == "grpo":
             score = exp["score"] * cfg.reward_scale
             if cfg.reward_clip is not None:
@@ -583,9 +699,8 @@ class RLHFTrainer:
             kind=cfg.kl_kind, kl_divide_by_length=cfg.kl_divide_by_length,
             reward_clip=cfg.reward_clip, reward_scale=cfg.reward_scale)
         adv, ret = L.gae_advantages(rewards, exp["values"] * mask, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            adv = L.whiten_across(adv, mask, group=dp_group) if dp_group else \
-                L.masked_whiten(adv, mask)
+        if cfg.whiten_advantages:  # over the whole episode: every rank holds every sample
+            adv = L.masked_whiten(adv, mask)
         exp["advantages"], exp["returns"] = adv, ret
         stats["kl"] = kl_sum.mean().item()  # kl_kind's estimate, whatever the coefficient
         return stats
@@ -638,26 +753,30 @@ class RLHFTrainer:
         entropy = None
         if role is self.policy:  # the entropy is reported; with entropy_coef it is in the loss
             entropy = "grad" if cfg.entropy_coef else "metric"
-        per_rank = cfg.train_global_batch_size // self.dp
+        gbs = cfg.train_global_batch_size
+        per_rank = gbs // role.dp
         totals: Dict[str, torch.Tensor] = {}
-        for start in range(0, len(order), per_rank):
-            idx = order[start:start + per_rank]
-            for m in role.model:
-                m.zero_grad_buffer()
-            role.optimizer.zero_grad()
-            losses = _run(role, exp, idx, False, loss_fn, cfg.train_micro_batch_size, self.seq,
-                          entropy)
-            ok, _, _ = role.optimizer.step()
-            if ok:
-                role.scheduler.step(increment=cfg.train_global_batch_size)
-            for x in losses:
-                for k, v in x.items():
-                    totals[k] = totals.get(k, 0) + v.double()
-        out = {}
-        for k, v in totals.items():
-            if self.dp > 1:
-                dist.all_reduce(v, group=parallel_state.get_data_parallel_group())
-            out[k] = (v[0] / v[1].clamp(min=1)).item()
+        with self.layouts.use(role.layout):
+            for start in range(0, len(order), gbs):
+                # a mini-batch of the whole episode; this replica's share of it
+                idx = order[start:start + gbs][role.dp_rank * per_rank:(role.dp_rank + 1) * per_rank]
+                for m in role.model:
+                    m.zero_grad_buffer()
+                role.optimizer.zero_grad()
+                losses = _run(role, exp, idx, False, loss_fn, cfg.train_micro_batch_size,
+                              self.seq, entropy)
+                ok, _, _ = role.optimizer.step()
+                if ok:
+                    role.scheduler.step(increment=gbs)
+                for x in losses:
+                    for k, v in x.items():
+                        totals[k] = totals.get(k, 0) + v.double()
+            out = {}
+            for k, v in totals.items():
+                if role.dp > 1:
+                    v = v.to(platform.current_device())
+                    dist.all_reduce(v, group=parallel_state.get_data_parallel_group())
+                out[k] = (v[0] / v[1].clamp(min=1)).item()
         return out
 
     def run_episode(self, dataset, logger: MetricsLogger, eval_dataset=None) -> dict:
@@ -670,11 +789,11 @@ class RLHFTrainer:
         timing = self.last_timing
         t_gen = time.time()
         stats = self.advantages(exp)
-        metrics = {"iteration": self.episode + 1}
-        metrics.update(self._reduce_mean({
-            "reward_mean": exp["score"].mean(), "reward_std": exp["score"].std(unbiased=False),
-            "response_length": exp["response_length"].mean(), "ended": exp["ended"].mean(),
-            "kl": torch.tensor(stats["kl"])}))
+        metrics = {"iteration": self.episode + 1,
+                   "reward_mean": exp["score"].mean().item(),
+                   "reward_std": exp["score"].std(unbiased=False).item(),
+                   "response_length": exp["response_length"].mean().item(),
+                   "ended": exp["ended"].mean().item(), "kl": stats["kl"]}
         g = torch.Generator().manual_seed(cfg.seed + self.episode)
         for _ in range(cfg.num_training_epoch):
             order = torch.randperm(len(prompts), generator=g)
@@ -686,8 +805,9 @@ class RLHFTrainer:
         metrics["time_generation_s"] = timing["generation"]
         metrics["time_logprobs_s"] = timing["scoring"]  # old/reference log-probs, values, reward
         metrics["time_training_s"] = time.time() - t_gen
-        metrics["tokens_per_s"] = float(exp["response_length"].sum()) * self.dp / max(
-            time.time() - t0, 1e-9)
+        if self.generator is not self.policy:
+            metrics["time_weight_sync_s"] = self.sync_generator()
+        metrics["tokens_per_s"] = float(exp["response_length"].sum()) / max(time.time() - t0, 1e-9)
         self.episode += 1
         self.consumed_prompts += cfg.sample_per_episode // (
             cfg.num_samples_per_prompt if cfg.algorithm == "grpo" else 1)
@@ -698,13 +818,6 @@ class RLHFTrainer:
             metrics["time_eval_s"] = time.time() - t_eval
         logger.log_episode(metrics, cfg.num_episodes)
         return metrics
-
-    def _reduce_mean(self, values: Dict[str, torch.Tensor]) -> Dict[str, float]:
-        v = torch.stack([x.double() for x in values.values()]).to(platform.current_device())
-        if self.dp > 1:
-            dist.all_reduce(v, group=parallel_state.get_data_parallel_group())
-            v /= self.dp
-        return dict(zip(values, v.cpu().tolist()))
 
     # -- checkpoints
 
@@ -724,7 +837,8 @@ class RLHFTrainer:
             meta = partial(engine.write_checkpoint_meta, args.save, role.arch, args,
                            self.tokenizer if role is self.policy else None, role.vocab,
                            self.vocab_limit, reward_model=role is self.value)
-            engine.save(args, role.model, role.optimizer, role.scheduler, state, meta)
+            with self.layouts.use(role.layout):
+                engine.save(args, role.model, role.optimizer, role.scheduler, state, meta)
         if dist.get_rank() == 0:
             layout.atomic_write_bytes(os.path.join(root, "rlhf_state.json"), json.dumps({
                 "episode": self.episode, "consumed_prompts": self.consumed_prompts,
@@ -739,10 +853,12 @@ class RLHFTrainer:
             st = json.load(f)
         for role in (self.policy, self.value):
             if role is not None:
-                checkpointing.load_checkpoint(self.role_dir(role, root), role.model,
-                                              role.optimizer, role.scheduler)
+                with self.layouts.use(role.layout):
+                    checkpointing.load_checkpoint(self.role_dir(role, root), role.model,
+                                                  role.optimizer, role.scheduler)
         self.episode, self.consumed_prompts = st["episode"], st["consumed_prompts"]
         self.kl_ctl.load_state_dict(st["kl_controller"])
+        self.sync_generator()
         return True
 
 
@@ -758,7 +874,8 @@ def load_reward_function(spec: str) -> Callable:
 
 def run(cfg: PPOConfig, policy_args, reward_args, value_args, prompts: List[str],
         save: Optional[str], log_dir: Optional[str], tensorboard_dir: Optional[str] = None,
-        reference_args=None, eval_prompts: Optional[List[str]] = None) -> List[dict]:
+        reference_args=None, eval_prompts: Optional[List[str]] = None,
+        generation_args=None) -> List[dict]:
     """Train ``cfg.num_episodes`` episodes (resuming from ``save``'s rlhf_state.json when there
     is one); ``save``: the folder of rlhf_state.json, and of the trainable roles that have no
     ``save`` argument of their own (``save/policy``, ``save/value``).
@@ -772,15 +889,16 @@ def run(cfg: PPOConfig, policy_args, reward_args, value_args, prompts: List[str]
     if bool(eval_prompts) != bool(cfg.eval_episode_interval):
         raise ArgumentError("held-out evaluation needs both the eval prompts and "
                             "eval_episode_interval")
-    trainer = RLHFTrainer(cfg, policy_args, reward_args, value_args, reference_args)
+    trainer = RLHFTrainer(cfg, policy_args, reward_args, value_args, reference_args,
+                          generation_args)
     dataset = PromptDataset(prompts, trainer.tokenizer, cfg.max_prompt_length)
     eval_dataset = None
     if eval_prompts:
         eval_dataset = PromptDataset(eval_prompts, trainer.tokenizer, cfg.max_prompt_length)
-        if len(eval_dataset.ids) < cfg.train_micro_batch_size * trainer.dp:
+        if trainer.eval_size(len(eval_dataset.ids)) == 0:
             raise ArgumentError(f"the eval prompts hold {len(eval_dataset.ids)} prompts; "
-                                f"evaluation needs at least train_micro_batch_size x data "
-                                f"parallel = {cfg.train_micro_batch_size * trainer.dp}")
+                                f"evaluation needs at least {trainer.eval_unit()} "
+                                "(train_micro_batch_size x the roles' data-parallel sizes)")
     if save and trainer.load(save):
         print_rank_last(f"> resumed from {save} at episode {trainer.episode}")
     logger = MetricsLogger(argparse.Namespace(log_dir=log_dir, tensorboard_dir=tensorboard_dir),
@@ -817,6 +935,9 @@ def build_cli() -> argparse.ArgumentParser:
     p.add_argument("--tensorboard-dir", default=None)
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--layout", action="append", default=[], metavar="ROLE=TPxPP",
+                   help="another TP x PP for one role (generation, reference, reward, value; "
+                        "e.g. reward=1x1); default: the policy's --tensor/--pipeline sizes")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--value-lr", type=float, default=None)
     p.add_argument("--bf16", action="store_true")
@@ -838,10 +959,27 @@ def build_cli() -> argparse.ArgumentParser:
     return p
 
 
-def role_args(ckpt: Optional[str], cli, lr: float):
+LAYOUT_ROLES = ("generation", "reference", "reward", "value")
+
+
+def parse_layouts(items: List[str]) -> Dict[str, tuple]:
+    """``ROLE=TPxPP`` (or ``ROLE=TP``) flags -> {role: (tp, pp)}; ArgumentError when malformed."""
+    out = {}
+    for item in items:
+        role, _, shape = item.partition("=")
+        parts = shape.lower().split("x")
+        if role not in LAYOUT_ROLES or not shape or len(parts) > 2 or \
+                not all(x.isdigit() and int(x) > 0 for x in parts):
+            raise ArgumentError(f"--layout {item!r}: expected ROLE=TPxPP with ROLE one of "
+                                f"{', '.join(LAYOUT_ROLES)} (e.g. reward=1x1)")
+        out[role] = (int(parts[0]), int(parts[1]) if len(parts) == 2 else 1)
+    return out
+
+
+def role_args(ckpt: Optional[str], cli, lr: float, shape: Optional[tuple] = None):
+    tp, pp = shape or (cli.tensor_model_parallel_size, cli.pipeline_model_parallel_size)
     flags = ["--model-size", "auto", "--seq-length", "8", "--lr", str(lr), "--min-lr", str(lr),
-             "--tensor-model-parallel-size", str(cli.tensor_model_parallel_size),
-             "--pipeline-model-parallel-size", str(cli.pipeline_model_parallel_size),
+             "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
              "--weight-decay", "0.0", "--seed", str(cli.seed), "--train-iters", "1"]
     if ckpt:
         flags += ["--pretrained-checkpoint", ckpt]
@@ -865,11 +1003,18 @@ def main(argv: Optional[list] = None) -> int:
                                     f"--max-new-tokens ({cfg.max_new_tokens})")
             cfg.max_prompt_length = cli.seq_length - cfg.max_new_tokens
         check_config(cfg)
-        reward = None if cli.reward in (None, "none") else role_args(cli.reward, cli, cli.lr)
+        shapes = parse_layouts(cli.layout)
+        reward = None if cli.reward in (None, "none") else role_args(cli.reward, cli, cli.lr,
+                                                                     shapes.get("reward"))
         value_src = cli.value or (None if reward is None else cli.reward) or cli.policy
-        value = role_args(value_src, cli, cli.value_lr or cli.lr)
+        value = role_args(value_src, cli, cli.value_lr or cli.lr, shapes.get("value"))
+        reference = role_args(cli.policy, cli, cli.lr, shapes["reference"]) \
+            if "reference" in shapes else None
+        generation = role_args(cli.policy, cli, cli.lr, shapes["generation"]) \
+            if "generation" in shapes else None
         run(cfg, role_args(cli.policy, cli, cli.lr), reward, value, cli.prompts, cli.save,
-            cli.log_dir, cli.tensorboard_dir, eval_prompts=cli.eval_prompts)
+            cli.log_dir, cli.tensorboard_dir, reference_args=reference,
+            eval_prompts=cli.eval_prompts, generation_args=generation)
 
     return run_entry(body)
 
