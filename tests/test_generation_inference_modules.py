@@ -2,8 +2,9 @@
 rotated keys, linears without autograd wrappers) give bit-identical tokens and log-probs to
 megatron-core's own modules (``load_for_generation(..., inference=False)``) on the same checkpoint:
 left-padded and right-padded (sliding window) batches, SDPA and local core attention, RoPE (full
-and partial), learned positions, ALiBi, a reused context; and the same logits in a training-mode
-forward with autograd (where they defer to their megatron-core bases).
+and partial), learned positions, ALiBi, gated and plain MLPs, a reused context; and the same
+logits and gradients in a training-mode forward with autograd (where they defer to their
+megatron-core bases).
 """
 import os
 import sys
@@ -50,6 +51,7 @@ def test_rotated_key_cache_equals_megatron_core_cache(work, case, flash):
     from megatron_patch.generation import SamplingParams, generate
     from megatron_patch.models.common.inference import (
         InferenceColumnParallelLinear,
+        InferenceMLP,
         InferenceRowParallelLinear,
         RotatedKVSelfAttention,
     )
@@ -57,7 +59,8 @@ def test_rotated_key_cache_equals_megatron_core_cache(work, case, flash):
     fast, ref = _pair(work, case, flash)
     kinds = {type(m) for m in fast.model.modules()}
     assert {RotatedKVSelfAttention, InferenceColumnParallelLinear,
-            InferenceRowParallelLinear} <= kinds
+            InferenceRowParallelLinear, InferenceMLP} <= kinds
+    assert type(fast.model.output_layer) is InferenceColumnParallelLinear
     assert not any(type(m).__module__.endswith("common.inference") for m in ref.model.modules())
     for lens in ((3, 9, 5, 12), (7, 7, 7)):  # mixed lengths (left or right padding), equal
         prompts = _prompts(fast.vocab_size, lens)
