@@ -852,10 +852,11 @@ class RLHFTrainer:
         with open(path) as f:
             st = json.load(f)
         for role in (self.policy, self.value):
-            if role is not None:
-                with self.layouts.use(role.layout):
+            if role is not None:  # the episode of the state file: a run killed while saving may
+                with self.layouts.use(role.layout):  # have saved one role's next episode already
                     checkpointing.load_checkpoint(self.role_dir(role, root), role.model,
-                                                  role.optimizer, role.scheduler)
+                                                  role.optimizer, role.scheduler,
+                                                  iteration=st["episode"])
         self.episode, self.consumed_prompts = st["episode"], st["consumed_prompts"]
         self.kl_ctl.load_state_dict(st["kl_controller"])
         self.sync_generator()

@@ -190,9 +190,14 @@ def _load_model_state(chunk, sd: dict, strict: bool = True, tolerate: Optional[d
 
 
 def load_checkpoint(root: str, model: List[torch.nn.Module], optimizer, scheduler,
-                    load_optim: bool = True, load_rng: bool = True) -> dict:
-    """Full resume from ``root``'s latest checkpoint. Returns the common state (iteration, ...)."""
-    iteration = layout.read_tracker(root)
+                    load_optim: bool = True, load_rng: bool = True,
+                    iteration: Optional[int] = None) -> dict:
+    """Full resume from ``root``'s latest checkpoint (or from ``iteration``). Returns the common
+    state (iteration, ...)."""
+    if iteration is None:
+        iteration = layout.read_tracker(root)
+    elif not os.path.isdir(os.path.join(root, layout.iter_dirname(iteration))):
+        raise CheckpointError(f"{root} has no {layout.iter_dirname(iteration)}")
     fmt = checkpoint_format(root, iteration)
     d = os.path.join(root, layout.iter_dirname(iteration))
     tp_rank, pp_rank, pp_size, dp_rank = _rank_coords()
