@@ -7,7 +7,10 @@ converted with the production converter), greedy, every row running the full len
 
 Prints one table row per model: generated tokens/s of both and the ratio (ours / transformers); the
 greedy tokens of both are compared too (``same`` = fraction of identical rows; fp32 on CPU should
-give 1.00, bf16 on GPU may drift after a near-tie).
+give 1.00, bf16 on GPU may drift after a near-tie). ``mcore`` is the same engine on a model built
+with megatron-core's own attention / linear / MLP modules (``load_for_generation(inference=False)``,
+what generation ran on before the inference-only modules of ``models.common.inference``); it runs
+in the same alternation (``--no-mcore`` leaves it out).
 """
 from __future__ import annotations
 
@@ -52,24 +55,23 @@ def build(name: str, work: str, dtype):
     return hf, mg_dir
 
 
-def bench_pair(a, b, repeats: int):
-    """Best time of each of two functions, run alternately (fair under a noisy shared machine)."""
-    a(), b()  # warm-up (allocations, first-call paths)
-    ta, tb = [], []
+def bench_alternating(fns, repeats: int):
+    """Best time of each function, run alternately (fair under a noisy shared machine), and the
+    last output of each."""
+    for fn in fns:
+        fn()  # warm-up (allocations, first-call paths)
+    times = [[] for _ in fns]
+    outs = [None] * len(fns)
     for _ in range(repeats):
-        for fn, times in ((a, ta), (b, tb)):
+        for i, fn in enumerate(fns):
             t0 = time.perf_counter()
-            out = fn()
-            times.append(time.perf_counter() - t0)
-            if fn is a:
-                out_a = out
-            else:
-                out_b = out
-    return min(ta), min(tb), out_a, out_b
+            outs[i] = fn()
+            times[i].append(time.perf_counter() - t0)
+    return [min(t) for t in times], outs
 
 
 def run_one(name: str, batch: int, new: int, prompt_len: int, repeats: int, gpu: bool, work: str,
-            flash: bool):
+            flash: bool, mcore: bool = True):
     import torch
 
     from megatron_patch import platform
@@ -80,6 +82,8 @@ def run_one(name: str, batch: int, new: int, prompt_len: int, repeats: int, gpu:
     hf, mg_dir = build(name, work, dtype)
     lm = load_for_generation(mg_dir, precision="bf16" if gpu else "fp32", flash=flash,
                              log=lambda *a: None)
+    base = load_for_generation(mg_dir, precision="bf16" if gpu else "fp32", flash=flash,
+                               log=lambda *a: None, inference=False) if mcore else None
     dev = platform.current_device()
     hf.to(dev)
     hf.generation_config.eos_token_id = None
@@ -89,8 +93,8 @@ def run_one(name: str, batch: int, new: int, prompt_len: int, repeats: int, gpu:
     params = SamplingParams(max_new_tokens=new, greedy=True, return_logprobs=False)
     sync = torch.cuda.synchronize if gpu else (lambda: None)
 
-    def ours():
-        out = generate(lm.model, prompts.tolist(), params, vocab_size=lm.vocab_size)
+    def ours(m=lm):
+        out = generate(m.model, prompts.tolist(), params, vocab_size=m.vocab_size)
         sync()
         return out.tokens
 
@@ -103,12 +107,20 @@ def run_one(name: str, batch: int, new: int, prompt_len: int, repeats: int, gpu:
         sync()
         return out[:, prompt_len:].cpu()
 
-    t_ours, t_hf, a, b = bench_pair(ours, theirs, repeats)
+    fns = [ours, theirs] + ([lambda: ours(base)] if base is not None else [])
+    times, outs = bench_alternating(fns, repeats)
+    a, b = outs[0], outs[1]
     same = float((a == b).all(dim=1).float().mean())
+    if base is not None and not torch.equal(outs[2], a):
+        print(f"warning: {name}: megatron-core modules and ours differ", file=sys.stderr)
     toks = batch * new
-    del hf, lm
-    return {"model": name, "params": n_params, "batch": batch, "new": new,
-            "ours": toks / t_ours, "hf": toks / t_hf, "ratio": t_hf / t_ours, "same": same}
+    del hf, lm, base
+    row = {"model": name, "params": n_params, "batch": batch, "new": new,
+           "ours": toks / times[0], "hf": toks / times[1], "ratio": times[1] / times[0],
+           "same": same, "mcore": None, "mcore_ratio": None}
+    if len(times) > 2:
+        row.update(mcore=toks / times[2], mcore_ratio=times[1] / times[2])
+    return row
 
 
 def main(argv=None) -> int:
@@ -119,6 +131,8 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-mcore", action="store_true",
+                   help="leave out the run on megatron-core's own modules")
     p.add_argument("--no-flash", action="store_true",
                    help="megatron-core's DotProductAttention instead of the SDPA core attention")
     a = p.parse_args(argv)
@@ -138,16 +152,18 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as work:
         for m in models:
             rows.append(run_one(m, batch, a.new_tokens, a.prompt_len, a.repeats, a.gpu, work,
-                                flash=not a.no_flash))
+                                flash=not a.no_flash, mcore=not a.no_mcore))
     dev = torch.cuda.get_device_name() if a.gpu else \
         f"CPU, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
     print(f"\ngeneration throughput ({dev}; greedy, prompt {a.prompt_len}, "
           f"{a.new_tokens} new tokens, best of {a.repeats}, alternating)")
     print(f"{'model':>6} {'params':>8} {'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} "
-          f"{'ratio':>6} {'same':>5}")
+          f"{'ratio':>6} {'same':>5} {'mcore tok/s':>12} {'mcore ratio':>12}")
     for r in rows:
+        mc = (f"{r['mcore']:>12.1f} {r['mcore_ratio']:>11.2f}x" if r["mcore"] is not None
+              else f"{'-':>12} {'-':>12}")
         print(f"{r['model']:>6} {r['params'] / 1e6:>7.1f}M {r['batch']:>5} {r['ours']:>11.1f} "
-              f"{r['hf']:>10.1f} {r['ratio']:>5.2f}x {r['same']:>5.2f}")
+              f"{r['hf']:>10.1f} {r['ratio']:>5.2f}x {r['same']:>5.2f} {mc}")
     return 0
 
 
