@@ -484,7 +484,8 @@ class RLHFTrainer:
             self.vocab_limit, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
         config = engine.build_config(args, arch)
         builder = partial(build_gpt_model, reward_head=True) if head else None
-        model = engine.build_model(args, arch, config, vocab, model_builder=builder)
+        model = engine.build_model(args, arch, config, vocab, model_builder=builder,
+                                   ddp=trainable)  # frozen roles: no DDP, no gradient buffers
         optimizer = scheduler = None
         if trainable:
             optimizer, scheduler = engine.build_optimizer(args, model)
@@ -496,9 +497,6 @@ class RLHFTrainer:
                 optimizer.reload_model_params()
         elif not trainable:
             raise ArgumentError(f"the {name} role needs a checkpoint")
-        for m in model if not trainable else []:
-            for p in m.parameters():
-                p.requires_grad_(False)
         print_rank_last(f"> {name}: {arch.family}, {'trainable' if trainable else 'frozen'}, "
                         f"TP={key[0]} PP={key[1]}{', from ' + src if src else ''}")
         return Role(name, args, arch, model, vocab, optimizer, scheduler, self.vocab_limit, key)

@@ -140,9 +140,12 @@ def build_config(args, arch: MegatronArch):
 
 
 def build_model(args, arch: MegatronArch, config, vocab_size: int,
-                model_builder: Optional[Callable] = None) -> List[torch.nn.Module]:
+                model_builder: Optional[Callable] = None, ddp: bool = True
+                ) -> List[torch.nn.Module]:
     """The model chunks of this rank (several with virtual pipeline stages), fp16/bf16-wrapped and
-    in megatron-core DDP."""
+    in megatron-core DDP. ``ddp=False``: a model that is never trained (an RLHF reference or
+    reward model) skips the DDP wrapper and its fp32 gradient buffers, and its parameters get
+    ``requires_grad=False``."""
     use_te = None
     if args.transformer_impl == "local":
         use_te = False
@@ -168,6 +171,10 @@ def build_model(args, arch: MegatronArch, config, vocab_size: int,
                 p.partition_stride = 1
     if args.precision in ("fp16", "bf16"):
         chunks = [Float16Module(config, m) for m in chunks]
+    if not ddp:
+        for m in chunks:
+            m.requires_grad_(False)
+        return chunks
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=args.overlap_grad_reduce,
