@@ -156,10 +156,10 @@ def build_gpt_model(arch: MegatronArch, config: TransformerConfig, *, pre_proces
     )
     if fam.post_build is not None:
         fam.post_build(model, arch)
-    if inference and getattr(model, "output_layer", None) is not None:
-        from megatron_patch.models.common.inference import InferenceColumnParallelLinear
+    if inference:
+        from megatron_patch.models.common.inference import adopt_inference_modules
 
-        InferenceColumnParallelLinear.adopt(model.output_layer)
+        adopt_inference_modules(model)
     if platform.use_cuda():
         model.cuda(torch.cuda.current_device())
     return model

@@ -1,9 +1,10 @@
 """Inference-only modules for generation builds, selected through the layer spec.
 
 ``inference_layer_spec(spec)`` returns a copy of a layer spec with the classes below in place of
-megatron-core's exact ``SelfAttention`` / ``ColumnParallelLinear`` / ``RowParallelLinear``;
+megatron-core's exact ``SelfAttention`` / ``ColumnParallelLinear`` / ``RowParallelLinear``, and
+``adopt_inference_modules(model)`` turns the output layer and the MLPs into theirs after the build;
 ``build_gpt_model(..., inference=True)`` (what ``generation.loader.load_for_generation`` builds)
-uses it. The modules keep the parameters, state-dict keys and sharded state dicts of their bases and
+does both. The modules keep the parameters, state-dict keys and sharded state dicts of their bases and
 run the same floating-point operations, so logits and greedy tokens are unchanged bit for bit; in
 training (autograd on) or any case they do not cover they call their base class.
 
@@ -23,8 +24,7 @@ What megatron-core 0.16 lacks:
   the linear with async all-reduce), and ``RowParallelLinear.forward`` passes ``tp_group=None`` to
   its linear, which calls ``warnings.warn(DeprecationWarning)`` on rank 0 on every call. Without
   autograd these layers do the same ``torch.matmul(x, w.t())`` (+ bias) and the same TP all-reduce /
-  all-gather directly (a few Python calls instead of ~15 per GEMM). The output layer, which
-  ``GPTModel`` builds itself (no spec names it), is turned into one by ``adopt``.
+  all-gather directly (a few Python calls instead of ~15 per GEMM); the output layer too.
 - ``InferenceMLP``: on a CPU, the gated unit's gate and up GEMMs run separately (its docstring).
 """
 from __future__ import annotations
@@ -241,7 +241,7 @@ class InferenceMLP(MLP):
         return self.linear_fc2(cfg.activation_func(gate) * (up + cfg.glu_linear_offset))
 
 
-_SWAPS = {SelfAttention: RotatedKVSelfAttention, MLP: InferenceMLP, ColumnParallelLinear: InferenceColumnParallelLinear,
+_SWAPS = {SelfAttention: RotatedKVSelfAttention, ColumnParallelLinear: InferenceColumnParallelLinear,
           RowParallelLinear: InferenceRowParallelLinear}
 
 
@@ -269,3 +269,17 @@ def inference_layer_spec(spec: ModuleSpec) -> ModuleSpec:
 
     visit(spec)
     return spec
+
+
+def adopt_inference_modules(model) -> None:
+    """After the build: the output layer (``GPTModel`` builds it itself, no spec names it) becomes
+    an ``InferenceColumnParallelLinear`` and every exact ``MLP`` an ``InferenceMLP``, in place
+    (parameters and state-dict keys unchanged). The MLP is not swapped in the spec because
+    megatron-core's ``TransformerLayer`` hands its TP group to exactly ``MLP`` only (a subclass is
+    built with the default group and a warning)."""
+    out = getattr(model, "output_layer", None)
+    if out is not None:
+        InferenceColumnParallelLinear.adopt(out)
+    for m in model.modules():
+        if type(m) is MLP:
+            m.__class__ = InferenceMLP
