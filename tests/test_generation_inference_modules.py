@@ -103,3 +103,28 @@ def test_reused_context_holds_rotated_keys_and_training_forward_unchanged(work):
         lm.model.eval()
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=0)
     torch.testing.assert_close(outs[0][1], outs[1][1], rtol=0, atol=0)
+
+
+def test_sdpa_gqa_without_repeat_equals_repeated_kv(work):
+    """SDPAttention without autograd on a CPU lets the kernel read each KV group for its query
+    heads (enable_gqa) instead of repeating K/V: bitwise the same output."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_patch.models.common.modules import SDPAttention
+
+    fast, _ = _pair(work, "llama_mqa_tied", True)
+    core = fast.model.decoder.layers[0].self_attention.core_attention
+    assert isinstance(core, SDPAttention)
+    np_, hn = core.num_heads, core.hidden_per_head
+    g = torch.Generator().manual_seed(5)
+    for groups in (1, 2):
+        for sq, sk, kind, mask in ((7, 7, AttnMaskType.causal, None),
+                                   (1, 9, AttnMaskType.no_mask, None),
+                                   (1, 9, AttnMaskType.no_mask,
+                                    torch.rand(3, 1, 1, 9, generator=g) < 0.3)):
+            q = torch.randn(sq, 3, np_, hn, generator=g)
+            k, v = (torch.randn(sk, 3, groups, hn, generator=g) for _ in range(2))
+            ref = core(q, k, v, mask, attn_mask_type=kind)  # autograd on: repeated K/V
+            with torch.inference_mode():
+                out = core(q, k, v, mask, attn_mask_type=kind)
+            assert torch.equal(out, ref)

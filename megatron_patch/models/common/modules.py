@@ -44,7 +44,9 @@ class SDPAttention(MegatronModule):
     """Core attention over ``F.scaled_dot_product_attention`` with GQA and causal masking.
 
     Input q: [sq, b, np, hn], k/v: [sk, b, ng, hn] (local heads of this TP rank); output
-    [sq, b, np * hn], the contract of megatron-core's ``DotProductAttention``.
+    [sq, b, np * hn], the contract of megatron-core's ``DotProductAttention``. With GQA, K/V are
+    repeated per query head, except without autograd on a CPU (generation), where the kernel's
+    ``enable_gqa`` gives the same output bitwise without copying the KV cache every step.
     """
 
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType,
@@ -67,10 +69,17 @@ class SDPAttention(MegatronModule):
         sq, b, np_, hn = query.shape
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        if k.shape[1] != np_:  # GQA: repeat each KV group for its query heads
-            rep = np_ // k.shape[1]
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+        gqa = False
+        if k.shape[1] != np_:
+            if not torch.is_grad_enabled() and q.device.type == "cpu":
+                # inference on a CPU: the kernel reads each KV group for its query heads itself,
+                # bitwise what it computes on repeated K/V (tested), without copying the KV cache
+                # on every decode step
+                gqa = True
+            else:  # GQA: repeat each KV group for its query heads
+                rep = np_ // k.shape[1]
+                k = k.repeat_interleave(rep, dim=1)
+                v = v.repeat_interleave(rep, dim=1)
         mask = None
         causal = False
         if attention_mask is not None:
@@ -88,6 +97,7 @@ class SDPAttention(MegatronModule):
             mask = bias
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal,
-            dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale)
+            dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale,
+            **({"enable_gqa": True} if gqa else {}))
         # [b, h, s, d] -> [s, b, h*d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
