@@ -128,3 +128,26 @@ def test_sdpa_gqa_without_repeat_equals_repeated_kv(work):
             with torch.inference_mode():
                 out = core(q, k, v, mask, attn_mask_type=kind)
             assert torch.equal(out, ref)
+
+
+def test_plain_cache_layout_for_other_core_attentions(work, monkeypatch):
+    """Core attentions this package does not know (Transformer Engine's) get the rotated keys in
+    megatron-core's own [S, B, ng, hn] layout: same tokens and log-probs."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    from megatron_patch.generation import SamplingParams, generate
+    from megatron_patch.models.common import inference
+
+    class Unknown:
+        pass
+
+    monkeypatch.setattr(inference, "SDPAttention", Unknown)
+    monkeypatch.setattr(inference, "DotProductAttention", Unknown)
+    fast, ref = _pair(work, "llama", True)
+    prompts = _prompts(fast.vocab_size, seed=7)
+    params = SamplingParams(max_new_tokens=8, greedy=True, return_logprobs=True)
+    ctx = StaticInferenceContext(len(prompts), 40)
+    a = generate(fast.model, prompts, params, vocab_size=fast.vocab_size, inference_context=ctx)
+    b = generate(ref.model, prompts, params, vocab_size=ref.vocab_size)
+    assert all(k.is_contiguous() for k, _ in ctx.key_value_memory_dict.values())
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)

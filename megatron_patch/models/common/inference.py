@@ -40,9 +40,12 @@ from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_patch.models.common.modules import SDPAttention
 
 CACHE_KEY = "rotated_kv"
 
@@ -128,14 +131,21 @@ class RotatedKVSelfAttention(SelfAttention):
                 and not getattr(self, "offload_attn_proj", False))
 
     def _cache(self, ctx, key: torch.Tensor, value: torch.Tensor):
+        """This layer's (key, value) buffers, [S, B, ng, hn] like megatron-core's. For the core
+        attentions of this package and megatron-core's local one they are views of [B, ng, S, hn]
+        storage (each head's keys contiguous, what the attention kernels read best; as fast to
+        write one row to); Transformer Engine's and other kernels get plain [S, B, ng, hn]."""
         name = (CACHE_KEY, self.layer_number)
         buffers = ctx.key_value_memory_dict.get(name)
         if buffers is None:
-            # [B, ng, S, hn]: each head's keys contiguous, the layout attention kernels read best
-            # (megatron-core's buffers are [S, B, ng, hn]); handed on as [s, b, ng, hn] views
-            shape = (ctx.max_batch_size, key.size(2), ctx.max_sequence_length)
-            buffers = (torch.empty(*shape, key.size(3), dtype=key.dtype, device=key.device),
-                       torch.empty(*shape, value.size(3), dtype=value.dtype, device=value.device))
+            S, B = ctx.max_sequence_length, ctx.max_batch_size
+            heads_major = isinstance(self.core_attention, (SDPAttention, DotProductAttention))
+            buffers = []
+            for t in (key, value):
+                shape = (B, t.size(2), S, t.size(3)) if heads_major else (S, B, t.size(2), t.size(3))
+                mem = torch.empty(shape, dtype=t.dtype, device=t.device)
+                buffers.append(mem.permute(2, 0, 1, 3) if heads_major else mem)
+            buffers = tuple(buffers)
             ctx.key_value_memory_dict[name] = buffers
         return buffers
 
@@ -189,9 +199,9 @@ class RotatedKVSelfAttention(SelfAttention):
         b0 = ctx.batch_size_offset
         b1 = b0 + key.size(1)
         key_mem, value_mem = self._cache(ctx, key, value)
-        if end > key_mem.size(2) or b1 > key_mem.size(0):
-            raise RuntimeError(f"KV cache of {key_mem.size(2)} slots x {key_mem.size(0)} rows is too small "
-                               f"for slots [{start}, {end}) of rows [{b0}, {b1})")
+        if end > key_mem.size(0) or b1 > key_mem.size(1):
+            raise RuntimeError(f"KV cache of {key_mem.size(0)} slots x {key_mem.size(1)} rows is too "
+                               f"small for slots [{start}, {end}) of rows [{b0}, {b1})")
         # the prompt forward is causal; past it a query sees every cached key (as megatron-core)
         attn_mask_type = self.attn_mask_type if start == 0 else AttnMaskType.no_mask
         if rotary_pos_emb is not None:
@@ -203,11 +213,10 @@ class RotatedKVSelfAttention(SelfAttention):
                 query = self._rope(ctx, query, q_emb, start, end)
             if k_emb is not None:
                 key = self._rope(ctx, key, k_emb, start, end)
-        # [s, b, ng, hn] -> [b, ng, s, hn] into the cache; read back as [sk, b, ng, hn] views
-        key_mem[b0:b1, :, start:end] = key.permute(1, 2, 0, 3)
-        value_mem[b0:b1, :, start:end] = value.permute(1, 2, 0, 3)
-        key = key_mem[b0:b1, :, :end].permute(2, 0, 1, 3)  # rotated
-        value = value_mem[b0:b1, :, :end].permute(2, 0, 1, 3)
+        key_mem[start:end, b0:b1] = key  # [s, b, ng, hn]
+        value_mem[start:end, b0:b1] = value
+        key = key_mem[:end, b0:b1]  # [sk, b, ng, hn], rotated
+        value = value_mem[:end, b0:b1]
         core_attn_out = self.core_attention(query, key, value, attention_mask,
                                             attn_mask_type=attn_mask_type,
                                             attention_bias=attention_bias, packed_seq_params=None)
