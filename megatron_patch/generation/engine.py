@@ -1,5 +1,8 @@
 """Batched generation over a megatron-core ``GPTModel`` with megatron-core's KV cache
-(``StaticInferenceContext``), at any TP x PP, on a live model (no checkpoint round trip).
+(``StaticInferenceContext``), at any TP x PP, on a live model (no checkpoint round trip). Models
+built by ``loader.load_for_generation`` carry the inference-only modules of
+``models.common.inference`` (keys cached after RoPE, linears without autograd wrappers; bitwise the
+same tokens); a training model generates through megatron-core's own modules.
 
 How a batch of prompts of different lengths is run (left padding, one prefill):
 - every row is left-padded to the longest prompt L (row i has ``pad_i = L - len_i`` padding slots),
