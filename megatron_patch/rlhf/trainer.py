@@ -72,6 +72,7 @@ from megatron_patch.generation.engine import unwrap
 from megatron_patch.models.builder import build_gpt_model, padded_vocab
 from megatron_patch.rlhf import losses as L
 from megatron_patch.rlhf.layouts import Layouts
+from megatron_patch.rlhf.offload import RoleMemory
 from megatron_patch.rlhf.config import (RLHFConfigError, RLHFSettings,
                                      RoleRLHFKeys)
 from megatron_patch.training import checkpointing, engine
@@ -125,6 +126,7 @@ class PPOConfig:
     save_episode_interval: Optional[int] = _S.save_episode_interval  # None / 0: at the end only
     seed: int = _S.seed
     data_shuffle: bool = _S.data_shuffle  # prompts in a seeded new order on every pass
+    offload: Optional[bool] = _S.offload  # idle roles to host memory between phases (None: GPU)
 
 
 # Which per-model file a PPOConfig key is read from (ppo_config_from): generation settings from the
@@ -144,7 +146,7 @@ SETTINGS_KEYS = {"algorithm": "algorithm", "num_ppo_episode": "num_episodes",
                  "train_global_batch_size": "train_global_batch_size",
                  "num_training_epoch": "num_training_epoch",
                  "save_episode_interval": "save_episode_interval", "seed": "seed",
-                 "eval_episode_interval": "eval_episode_interval",
+                 "eval_episode_interval": "eval_episode_interval", "offload": "offload",
                  "data_shuffle": "data_shuffle"}
 
 
@@ -448,6 +450,10 @@ class RLHFTrainer:
         self._orders: Dict[int, List[int]] = {}
         roles = [r for r in (self.policy, self.generator, self.reference, self.reward, self.value)
                  if r is not None]
+        self.roles = list({id(r): r for r in roles}.values())
+        self.offload = platform.use_cuda() if cfg.offload is None else bool(cfg.offload)
+        self.memory = {id(r): RoleMemory(r.model, r.optimizer) for r in self.roles}
+        self.peak_bytes = 0  # the most bytes the roles held at once (phase boundaries)
         n = cfg.sample_per_episode
         for r in roles:  # every role takes an equal share of the episode's samples per replica
             if n % r.dp or (r.pp > 1 and (n // r.dp) % cfg.train_micro_batch_size):
@@ -501,6 +507,24 @@ class RLHFTrainer:
                         f"TP={key[0]} PP={key[1]}{', from ' + src if src else ''}")
         return Role(name, args, arch, model, vocab, optimizer, scheduler, self.vocab_limit, key)
 
+    # -- offloading: with ``offload`` only the role at work keeps its storages on the device
+
+    def _resident(self, *roles: Role, training: bool = False) -> None:
+        """Before a phase: ``roles`` keep their weights (and, with ``training``, gradients and
+        optimizer state) on the device, every other role goes to host memory. Also tracks the
+        bytes held at once (``resident_mb_max``)."""
+        if self.offload:
+            keep = {id(r) for r in roles}
+            for r in self.roles:
+                if id(r) not in keep:
+                    self.memory[id(r)].offload()
+            for r in roles:
+                mem = self.memory[id(r)]
+                mem.onload(training=training)
+                if not training:
+                    mem.offload(weights=False)
+        self.peak_bytes = max(self.peak_bytes, sum(m.nbytes() for m in self.memory.values()))
+
     # -- the rows of an episode: every rank holds all of them; a role's replica takes its share
 
     @staticmethod
@@ -528,6 +552,7 @@ class RLHFTrainer:
         shares, then the outputs are gathered)."""
         n = exp["tokens"].shape[0]
         mine = {k: exp[k][self._share(role, n)] for k in ("tokens", "position_ids", "mask")}
+        self._resident(role)
         with self.layouts.use(role.layout):
             collect(role, mine, key_out, self.cfg.train_micro_batch_size, self.seq, transform)
             exp[key_out] = self._gather_rows(role, mine[key_out])
@@ -607,6 +632,7 @@ class RLHFTrainer:
         n = len(prompts)
         share = self._share(g, n)
         mine_ids, mine_ended = [], []
+        self._resident(g)
         with self.layouts.use(g.layout):
             gb = cfg.generation_batch_size
             for i in range(share.start, share.stop, gb):
@@ -635,6 +661,7 @@ class RLHFTrainer:
         if self.generator is self.policy:
             return 0.0
         t0 = time.time()
+        self._resident(self.policy, self.generator)
         tmp = [tempfile.mkdtemp(prefix="rlhf_sync_") if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(tmp, src=0)
         try:
@@ -754,6 +781,7 @@ class RLHFTrainer:
         gbs = cfg.train_global_batch_size
         per_rank = gbs // role.dp
         totals: Dict[str, torch.Tensor] = {}
+        self._resident(role, training=True)
         with self.layouts.use(role.layout):
             for start in range(0, len(order), gbs):
                 # a mini-batch of the whole episode; this replica's share of it
@@ -806,6 +834,8 @@ class RLHFTrainer:
         if self.generator is not self.policy:
             metrics["time_weight_sync_s"] = self.sync_generator()
         metrics["tokens_per_s"] = float(exp["response_length"].sum()) / max(time.time() - t0, 1e-9)
+        metrics["resident_mb_max"] = self.peak_bytes / 2 ** 20
+        metrics["roles_mb"] = sum(m.total_bytes() for m in self.memory.values()) / 2 ** 20
         self.episode += 1
         self.consumed_prompts += cfg.sample_per_episode // (
             cfg.num_samples_per_prompt if cfg.algorithm == "grpo" else 1)
@@ -829,6 +859,7 @@ class RLHFTrainer:
         for role in (self.policy, self.value):
             if role is None:
                 continue
+            self._resident(role, training=True)
             args = argparse.Namespace(**vars(role.args))
             args.save = self.role_dir(role, root)
             state = engine.TrainState(iteration=self.episode)
@@ -851,7 +882,8 @@ class RLHFTrainer:
             st = json.load(f)
         for role in (self.policy, self.value):
             if role is not None:  # the episode of the state file: a run killed while saving may
-                with self.layouts.use(role.layout):  # have saved one role's next episode already
+                self._resident(role, training=True)  # have saved one role's next episode already
+                with self.layouts.use(role.layout):
                     checkpointing.load_checkpoint(self.role_dir(role, root), role.model,
                                                   role.optimizer, role.scheduler,
                                                   iteration=st["episode"])
