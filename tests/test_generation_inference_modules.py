@@ -53,6 +53,7 @@ def test_rotated_key_cache_equals_megatron_core_cache(work, case, flash):
         InferenceColumnParallelLinear,
         InferenceMLP,
         InferenceRowParallelLinear,
+        InferenceVocabParallelEmbedding,
         RotatedKVSelfAttention,
     )
 
@@ -61,6 +62,7 @@ def test_rotated_key_cache_equals_megatron_core_cache(work, case, flash):
     assert {RotatedKVSelfAttention, InferenceColumnParallelLinear,
             InferenceRowParallelLinear, InferenceMLP} <= kinds
     assert type(fast.model.output_layer) is InferenceColumnParallelLinear
+    assert type(fast.model.embedding.word_embeddings) is InferenceVocabParallelEmbedding
     assert not any(type(m).__module__.endswith("common.inference") for m in ref.model.modules())
     for lens in ((3, 9, 5, 12), (7, 7, 7)):  # mixed lengths (left or right padding), equal
         prompts = _prompts(fast.vocab_size, lens)

@@ -24,7 +24,8 @@ What megatron-core 0.16 lacks:
   the linear with async all-reduce), and ``RowParallelLinear.forward`` passes ``tp_group=None`` to
   its linear, which calls ``warnings.warn(DeprecationWarning)`` on rank 0 on every call. Without
   autograd these layers do the same ``torch.matmul(x, w.t())`` (+ bias) and the same TP all-reduce /
-  all-gather directly (a few Python calls instead of ~15 per GEMM); the output layer too.
+  all-gather directly (a few Python calls instead of ~15 per GEMM); the output layer too, and the
+  word embedding at TP = 1 (``InferenceVocabParallelEmbedding``).
 - ``InferenceMLP``: on a CPU, the gated unit's gate and up GEMMs run separately (its docstring).
 """
 from __future__ import annotations
@@ -37,7 +38,11 @@ from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_e
 from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
     _yarn_get_concentration_factor_from_config,
 )
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -89,6 +94,18 @@ class InferenceColumnParallelLinear(ColumnParallelLinear):
         if gather and self._tp > 1:
             output = gather_from_tensor_model_parallel_region(output, group=self.tp_group)
         return output, (self.bias if self.skip_bias_add else None)
+
+
+class InferenceVocabParallelEmbedding(VocabParallelEmbedding):
+    """``VocabParallelEmbedding`` whose no-grad forward at TP = 1 is the lookup alone (megatron-core
+    still calls its TP reduce, an autograd function, which is the identity on one rank)."""
+
+    def forward(self, input_):
+        if torch.is_grad_enabled() or self._tp > 1 or self.reduce_scatter_embeddings:
+            return super().forward(input_)
+        if self.deterministic_mode:
+            return self.weight[input_]
+        return torch.nn.functional.embedding(input_, self.weight)
 
 
 class InferenceRowParallelLinear(RowParallelLinear):
@@ -282,13 +299,18 @@ def inference_layer_spec(spec: ModuleSpec) -> ModuleSpec:
 
 def adopt_inference_modules(model) -> None:
     """After the build: the output layer (``GPTModel`` builds it itself, no spec names it) becomes
-    an ``InferenceColumnParallelLinear`` and every exact ``MLP`` an ``InferenceMLP``, in place
+    an ``InferenceColumnParallelLinear``, the word embedding an ``InferenceVocabParallelEmbedding``
+    and every exact ``MLP`` an ``InferenceMLP``, in place
     (parameters and state-dict keys unchanged). The MLP is not swapped in the spec because
     megatron-core's ``TransformerLayer`` hands its TP group to exactly ``MLP`` only (a subclass is
     built with the default group and a warning)."""
     out = getattr(model, "output_layer", None)
     if out is not None:
         InferenceColumnParallelLinear.adopt(out)
+    emb = getattr(getattr(model, "embedding", None), "word_embeddings", None)
+    if type(emb) is VocabParallelEmbedding:
+        emb.__class__ = InferenceVocabParallelEmbedding
+        emb._tp = _tp_size(emb.tp_group)
     for m in model.modules():
         if type(m) is MLP:
             m.__class__ = InferenceMLP
