@@ -86,7 +86,7 @@ class RLHFSettings:
     log_interval: int = 1
     seed: int = 1234
     data_shuffle: bool = True
-    offload: Optional[bool] = None          # idle roles to host memory (None: on GPUs only)
+    offload: bool = False                   # idle roles to host memory between phases
 
 
 @dataclass

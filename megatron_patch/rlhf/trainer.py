@@ -126,7 +126,7 @@ class PPOConfig:
     save_episode_interval: Optional[int] = _S.save_episode_interval  # None / 0: at the end only
     seed: int = _S.seed
     data_shuffle: bool = _S.data_shuffle  # prompts in a seeded new order on every pass
-    offload: Optional[bool] = _S.offload  # idle roles to host memory between phases (None: GPU)
+    offload: bool = _S.offload  # idle roles to host memory between phases
 
 
 # Which per-model file a PPOConfig key is read from (ppo_config_from): generation settings from the
@@ -451,7 +451,7 @@ class RLHFTrainer:
         roles = [r for r in (self.policy, self.generator, self.reference, self.reward, self.value)
                  if r is not None]
         self.roles = list({id(r): r for r in roles}.values())
-        self.offload = platform.use_cuda() if cfg.offload is None else bool(cfg.offload)
+        self.offload = bool(cfg.offload)
         self.memory = {id(r): RoleMemory(r.model, r.optimizer) for r in self.roles}
         self.peak_bytes = 0  # the most bytes the roles held at once (phase boundaries)
         n = cfg.sample_per_episode
