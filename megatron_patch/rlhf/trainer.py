@@ -523,7 +523,7 @@ class RLHFTrainer:
                 mem.onload(training=training)
                 if not training:
                     mem.offload(weights=False)
-        self.peak_bytes = max(self.peak_bytes, sum(m.nbytes() for m in self.memory.values()))
+            self.peak_bytes = max(self.peak_bytes, sum(m.nbytes() for m in self.memory.values()))
 
     # -- the rows of an episode: every rank holds all of them; a role's replica takes its share
 
@@ -834,8 +834,10 @@ class RLHFTrainer:
         if self.generator is not self.policy:
             metrics["time_weight_sync_s"] = self.sync_generator()
         metrics["tokens_per_s"] = float(exp["response_length"].sum()) / max(time.time() - t0, 1e-9)
-        metrics["resident_mb_max"] = self.peak_bytes / 2 ** 20
-        metrics["roles_mb"] = sum(m.total_bytes() for m in self.memory.values()) / 2 ** 20
+        roles_bytes = sum(m.total_bytes() for m in self.memory.values())
+        # without offloading every role holds all of its storages all the time
+        metrics["resident_mb_max"] = (self.peak_bytes if self.offload else roles_bytes) / 2 ** 20
+        metrics["roles_mb"] = roles_bytes / 2 ** 20
         self.episode += 1
         self.consumed_prompts += cfg.sample_per_episode // (
             cfg.num_samples_per_prompt if cfg.algorithm == "grpo" else 1)
