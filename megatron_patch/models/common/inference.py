@@ -2,11 +2,12 @@
 
 ``inference_layer_spec(spec)`` returns a copy of a layer spec with the classes below in place of
 megatron-core's exact ``SelfAttention`` / ``ColumnParallelLinear`` / ``RowParallelLinear``, and
-``adopt_inference_modules(model)`` turns the output layer and the MLPs into theirs after the build;
-``build_gpt_model(..., inference=True)`` (what ``generation.loader.load_for_generation`` builds)
-does both. The modules keep the parameters, state-dict keys and sharded state dicts of their bases and
-run the same floating-point operations, so logits and greedy tokens are unchanged bit for bit; in
-training (autograd on) or any case they do not cover they call their base class.
+``adopt_inference_modules(model)`` turns the output layer, the word embedding and the MLPs into
+theirs after the build; ``build_gpt_model(..., inference=True)`` (what
+``generation.loader.load_for_generation`` builds) does both. The modules keep the parameters,
+state-dict keys and sharded state dicts of their bases and run the same floating-point operations,
+so logits and greedy tokens are unchanged bit for bit; in training (autograd on) or any case they
+do not cover they call their base class.
 
 What megatron-core 0.16 lacks:
 
@@ -159,7 +160,8 @@ class RotatedKVSelfAttention(SelfAttention):
             heads_major = isinstance(self.core_attention, (SDPAttention, DotProductAttention))
             buffers = []
             for t in (key, value):
-                shape = (B, t.size(2), S, t.size(3)) if heads_major else (S, B, t.size(2), t.size(3))
+                ng, hn = t.size(2), t.size(3)
+                shape = (B, ng, S, hn) if heads_major else (S, B, ng, hn)
                 mem = torch.empty(shape, dtype=t.dtype, device=t.device)
                 buffers.append(mem.permute(2, 0, 1, 3) if heads_major else mem)
             buffers = tuple(buffers)
@@ -217,8 +219,8 @@ class RotatedKVSelfAttention(SelfAttention):
         b1 = b0 + key.size(1)
         key_mem, value_mem = self._cache(ctx, key, value)
         if end > key_mem.size(0) or b1 > key_mem.size(1):
-            raise RuntimeError(f"KV cache of {key_mem.size(0)} slots x {key_mem.size(1)} rows is too "
-                               f"small for slots [{start}, {end}) of rows [{b0}, {b1})")
+            raise RuntimeError(f"KV cache of {key_mem.size(0)} slots x {key_mem.size(1)} rows is "
+                               f"too small for slots [{start}, {end}) of rows [{b0}, {b1})")
         # the prompt forward is causal; past it a query sees every cached key (as megatron-core)
         attn_mask_type = self.attn_mask_type if start == 0 else AttnMaskType.no_mask
         if rotary_pos_emb is not None:
@@ -243,10 +245,11 @@ class RotatedKVSelfAttention(SelfAttention):
 class InferenceMLP(MLP):
     """megatron-core's ``MLP`` whose no-grad forward on a CPU runs the gated unit's two GEMMs
     separately: ``linear_fc1``'s weight is ``[gate; up]`` (each TP rank's own halves), so the two
-    are views, and at a few rows MKL runs ``[n, h] x [h, f]`` twice faster than ``[n, h] x [h, 2f]``
-    once (~7% of the MLP at 8 rows, 640 x 1728). Each output element is the same dot product, and
-    the activation is ``glu``'s ``act(gate) * (up + offset)``, so the result is unchanged (tested
-    bitwise); on a GPU, where GEMM kernels are chosen by shape, the fused GEMM is kept."""
+    are views, and at a few rows two ``[n, h] x [h, f]`` GEMMs take less time in MKL than one
+    ``[n, h] x [h, 2f]`` (~7% less at 8 rows, 640 x 1728). Each output element is the same dot
+    product, and the activation is ``glu``'s ``act(gate) * (up + offset)``, so the result is
+    unchanged (tested bitwise); on a GPU, where GEMM kernels are chosen by shape, the fused GEMM is
+    kept."""
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
         fc1, cfg = self.linear_fc1, self.config
@@ -267,7 +270,8 @@ class InferenceMLP(MLP):
         return self.linear_fc2(cfg.activation_func(gate) * (up + cfg.glu_linear_offset))
 
 
-_SWAPS = {SelfAttention: RotatedKVSelfAttention, ColumnParallelLinear: InferenceColumnParallelLinear,
+_SWAPS = {SelfAttention: RotatedKVSelfAttention,
+          ColumnParallelLinear: InferenceColumnParallelLinear,
           RowParallelLinear: InferenceRowParallelLinear}
 
 
@@ -300,8 +304,8 @@ def inference_layer_spec(spec: ModuleSpec) -> ModuleSpec:
 def adopt_inference_modules(model) -> None:
     """After the build: the output layer (``GPTModel`` builds it itself, no spec names it) becomes
     an ``InferenceColumnParallelLinear``, the word embedding an ``InferenceVocabParallelEmbedding``
-    and every exact ``MLP`` an ``InferenceMLP``, in place
-    (parameters and state-dict keys unchanged). The MLP is not swapped in the spec because
+    and every exact ``MLP`` an ``InferenceMLP``, in place (parameters and state-dict keys
+    unchanged). The MLP is not swapped in the spec because
     megatron-core's ``TransformerLayer`` hands its TP group to exactly ``MLP`` only (a subclass is
     built with the default group and a warning)."""
     out = getattr(model, "output_layer", None)
