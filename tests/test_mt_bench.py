@@ -29,6 +29,7 @@ import urllib.request
 import pytest
 import torch
 
+from data_fixtures import tiny_llama_model, write_legacy_release
 from megatron_patch.evaluation import answers as answers_mod
 from megatron_patch.evaluation import judge as judge_mod
 from megatron_patch.evaluation import mt_bench
@@ -344,16 +345,11 @@ def test_cli_one_line_error_exit_2(tmp_path):
 def _chain_checkpoint(root, chain):
     """A tiny LLaMA (legacy layout) whose greedy continuation of token A is chain[A] (see the
     module docstring), with the word-level tokenizer and its chat template."""
-    import megatron_patch  # noqa: F401
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from megatron_patch import platform
-    from megatron_patch.models.builder import arch_from_hf, build_gpt_model, transformer_config
     from megatron_patch.models.llama.config import PRESETS
 
-    os.makedirs(root / "release" / "mp_rank_00")
+    os.makedirs(root, exist_ok=True)
     vocab = {w: i for i, w in enumerate(WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -364,15 +360,7 @@ def _chain_checkpoint(root, chain):
         "chat_template": TEMPLATE}))
     hf = dict(PRESETS["tiny"], vocab_size=len(WORDS), bos_token_id=None, eos_token_id=1,
               max_position_embeddings=1024)
-    (root / "config.json").write_text(json.dumps(hf))
-    platform.init_process_group()
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    ps.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(7)
-    arch = arch_from_hf(hf)
-    model = build_gpt_model(arch, transformer_config(arch), vocab_size=128)
-    sd = model.state_dict()
+    sd = tiny_llama_model(hf, 128, seed=7).state_dict()
     h = sd["embedding.word_embeddings.weight"].shape[1]
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -388,14 +376,7 @@ def _chain_checkpoint(root, chain):
             emb[vocab[a]] = 0
             emb[vocab[a], n] = 1.0  # RMSNorm -> sqrt(h) e_n
             out[vocab[b], n] = 10.0  # logit 10 sqrt(h) for b, ~0 for every other token
-    torch.save({"model": sd, "iteration": 0},
-               root / "release" / "mp_rank_00" / "model_optim_rng.pt")
-    (root / "latest_checkpointed_iteration.txt").write_text("release")
-    (root / "megatron_patch.json").write_text(json.dumps({
-        "family": "llama", "format": "legacy", "tensor_model_parallel_size": 1,
-        "pipeline_model_parallel_size": 1, "padded_vocab_size": 128,
-        "original_vocab_size": len(WORDS)}))
-    return str(root)
+    return write_legacy_release(root, sd, hf, 128)
 
 
 @pytest.fixture(scope="module")

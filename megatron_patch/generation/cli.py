@@ -195,7 +195,8 @@ def run(args, log=print) -> dict:
 
     from megatron_patch import platform
     from megatron_patch.generation import SamplingParams, generate
-    from megatron_patch.generation.loader import load_for_generation, load_tokenizer
+    from megatron_patch.generation.loader import (load_for_generation, load_tokenizer,
+                                                  resolve_precision)
 
     if args.out_seq_length < 1:
         raise InputError("OUTPUT_SEQ_LEN must be >= 1")
@@ -207,16 +208,10 @@ def run(args, log=print) -> dict:
         max_prompt = min(max_prompt, args.input_seq_len)
     texts, objs = read_prompts(args.input_file)  # fail before the model is loaded
     tokenizer = load_tokenizer(args.tokenizer, args.checkpoint, args.tp)
-    precision = args.precision
-    if precision == "auto":
-        precision = "fp32"
-        if platform.use_cuda():
-            from megatron_patch.convert import layout
-
-            dt = str(layout.read_meta(args.checkpoint).get("params_dtype", "bfloat16"))
-            precision = {"float16": "fp16", "float32": "fp32"}.get(dt, "bf16")
     lm = load_for_generation(args.checkpoint, tp=args.tp, pp=args.pp, model_size=args.model_size,
-                             family=args.model_family, precision=precision, flash=args.flash, log=log)
+                             family=args.model_family,
+                             precision=resolve_precision(args.checkpoint, args.precision),
+                             flash=args.flash, log=log)
     rank0 = dist.get_rank() == 0
     say = log if rank0 else (lambda *a, **k: None)
     if lm.max_position_embeddings and args.seq_length > lm.max_position_embeddings:

@@ -126,6 +126,21 @@ def load_for_generation(ckpt: str, *, tp: int = 1, pp: int = 1, model_size: str 
                        int(max_pos) if max_pos else None, ckpt)
 
 
+def resolve_precision(ckpt: str, precision: str = "auto") -> str:
+    """``auto``: fp32 on a CPU; on a GPU the dtype the checkpoint was saved in (bf16 when it does
+    not say). Any other value is returned as it is."""
+    if precision != "auto":
+        return precision
+    from megatron_patch import platform
+
+    if not platform.use_cuda():
+        return "fp32"
+    from megatron_patch.convert import layout
+
+    dt = str(layout.read_meta(ckpt).get("params_dtype", "bfloat16"))
+    return {"float16": "fp16", "float32": "fp32"}.get(dt, "bf16")
+
+
 def _resharded(ckpt: str, tp: int, pp: int, ep: int, log) -> str:
     """Rank 0 reshards into a temporary folder; the path is shared with the other ranks."""
     from megatron_patch.training.checkpointing import resharded_copy

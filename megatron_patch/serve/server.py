@@ -466,23 +466,15 @@ def _write_port_file(path: str, port: int) -> None:
 def serve(args) -> int:
     import torch.distributed as dist
 
-    from megatron_patch import platform
     from megatron_patch.generation.cli import wants_bos
     from megatron_patch.generation.loader import GenerationSetupError, load_for_generation, \
-        load_tokenizer
+        load_tokenizer, resolve_precision
     from megatron_patch.serve.scheduler import Scheduler
 
     if not os.path.isdir(args.checkpoint):
         raise GenerationSetupError(f"checkpoint folder {args.checkpoint} does not exist")
     tokenizer = load_tokenizer(args.tokenizer, args.checkpoint, args.tp)
-    precision = args.precision
-    if precision == "auto":
-        precision = "fp32"
-        if platform.use_cuda():
-            from megatron_patch.convert import layout
-
-            dt = str(layout.read_meta(args.checkpoint).get("params_dtype", "bfloat16"))
-            precision = {"float16": "fp16", "float32": "fp32"}.get(dt, "bf16")
+    precision = resolve_precision(args.checkpoint, args.precision)
     quiet_log = (lambda *a, **k: None)
     lm = load_for_generation(args.checkpoint, tp=args.tp, pp=args.pp, model_size=args.model_size,
                              family=args.model_family, precision=precision, flash=args.flash,
