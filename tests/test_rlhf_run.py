@@ -169,26 +169,35 @@ def _folder(path, main: dict, files: dict) -> str:
     return path
 
 
-def test_grpo_through_a_yaml_folder(ws):
+def _grpo_run(ws, name, nproc=1, ppo_policy=None):
+    """GRPO with the rule reward through a YAML folder of three roles (ppo_policy, its inference
+    twin policy, reference) including the llama2 example files; ``ppo_policy``: keys for its
+    file. Returns (the script's result, the run's output folder)."""
     tiny = {"reward_function": "rlhf_rewards:low_ids", "num_samples_per_prompt": 2,
             "max_new_tokens": 12, "max_prompt_length": 24}
-    files = {f"{n}.yaml": {"includes": [os.path.join(LLAMA2, f"{src}.yaml"), "tiny.yaml"]}
-             for n, src in (("ppo_policy", "ppo_policy"), ("policy", "policy_inference"),
-                            ("reference", "reference"))}
-    main = {"models": {"ppo_policy": {"model_config_file": "ppo_policy.yaml", "trainable": True},
-                       "policy": {"model_config_file": "policy.yaml"},
-                       "reference": {"model_config_file": "reference.yaml"}},
+    files = {f"{n}.yaml": {"includes": [os.path.join(LLAMA2, f"{src}.yaml"), "tiny.yaml"], **extra}
+             for n, src, extra in (("ppo_policy", "ppo_policy", ppo_policy or {}),
+                                   ("policy", "policy_inference", {}),
+                                   ("reference", "reference", {}))}
+    main = {"models": {"ppo_policy": {"model_config_file": "ppo_policy.yaml", "trainable": True,
+                                      "num_device": nproc},
+                       "policy": {"model_config_file": "policy.yaml", "num_device": nproc},
+                       "reference": {"model_config_file": "reference.yaml", "num_device": nproc}},
             "rlhf": {"algorithm": "grpo", "colocation": ["ppo_policy", "policy", "reference"],
                      "generation_batch_size": 4, "train_micro_batch_size": 2,
                      "train_global_batch_size": 4, "sample_per_episode": 8, "num_ppo_episode": 2,
                      "data_path": "${DATASET_PATH}",
                      "output_dir": "${OUTPUT_DIR}/step3_rlhf/${exp_name}"}}
-    cfg = _folder(os.path.join(ws["tmp"], "grpo_cfg"), main, dict(files, **{"tiny.yaml": tiny}))
-    r = _bash(RUN_RLHF, "0", cwd=ws["tmp"], CONFIG_DIR=cfg, TP="1", MODEL_SIZE="auto",
-              **_vars(ws, exp_name="tiny_grpo"))
+    cfg = _folder(os.path.join(ws["tmp"], f"{name}_cfg"), main, dict(files, **{"tiny.yaml": tiny}))
+    r = _bash(RUN_RLHF, ",".join(str(d) for d in range(nproc)), cwd=ws["tmp"], CONFIG_DIR=cfg,
+              TP="1", MODEL_SIZE="auto", **_vars(ws, exp_name=name, NUM_DEVICE=str(nproc)))
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    return r, os.path.join(ws["tmp"], "output", "step3_rlhf", name)
+
+
+def test_grpo_through_a_yaml_folder(ws):
+    r, out = _grpo_run(ws, "tiny_grpo")
     assert "warning: " not in r.stdout + r.stderr, r.stderr  # every file agrees
-    out = os.path.join(ws["tmp"], "output", "step3_rlhf", "tiny_grpo")
     episodes = _episodes(os.path.join(out, "log", "metrics.jsonl"))
     assert [e["iteration"] for e in episodes] == [1, 2]
     for e in episodes:
@@ -202,29 +211,10 @@ def test_grpo_through_a_yaml_folder(ws):
 def test_generation_twin_in_its_own_layout_through_yaml(ws):
     """ppo_policy trained at TP=2 on 2 processes while its inference twin (policy) generates at
     TP=1 in 2 data-parallel replicas: the trained weights are resharded into the twin after every
-    episode (time_weight_sync_s), and the run resumes from its own output like any other."""
-    tiny = {"reward_function": "rlhf_rewards:low_ids", "num_samples_per_prompt": 2,
-            "max_new_tokens": 12, "max_prompt_length": 24}
-    files = {f"{n}.yaml": {"includes": [os.path.join(LLAMA2, f"{src}.yaml"), "tiny.yaml"], **extra}
-             for n, src, extra in (("ppo_policy", "ppo_policy", {"tensor_model_parallel_size": 2}),
-                                   ("policy", "policy_inference", {}),
-                                   ("reference", "reference", {}))}
-    main = {"models": {"ppo_policy": {"model_config_file": "ppo_policy.yaml", "trainable": True,
-                                      "num_device": 2},
-                       "policy": {"model_config_file": "policy.yaml", "num_device": 2},
-                       "reference": {"model_config_file": "reference.yaml", "num_device": 2}},
-            "rlhf": {"algorithm": "grpo", "colocation": ["ppo_policy", "policy", "reference"],
-                     "generation_batch_size": 4, "train_micro_batch_size": 2,
-                     "train_global_batch_size": 4, "sample_per_episode": 8, "num_ppo_episode": 2,
-                     "data_path": "${DATASET_PATH}",
-                     "output_dir": "${OUTPUT_DIR}/step3_rlhf/${exp_name}"}}
-    cfg = _folder(os.path.join(ws["tmp"], "twin_cfg"), main, dict(files, **{"tiny.yaml": tiny}))
-    r = _bash(RUN_RLHF, "0,1", cwd=ws["tmp"], CONFIG_DIR=cfg, TP="1", MODEL_SIZE="auto",
-              **_vars(ws, exp_name="tiny_twin", NUM_DEVICE="2"))
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    episode (time_weight_sync_s)."""
+    r, out = _grpo_run(ws, "tiny_twin", nproc=2, ppo_policy={"tensor_model_parallel_size": 2})
     assert "TP=2 PP=1" in r.stdout + r.stderr and "generation: llama, frozen, TP=1" in \
         r.stdout + r.stderr, r.stdout[-3000:]
-    out = os.path.join(ws["tmp"], "output", "step3_rlhf", "tiny_twin")
     episodes = _episodes(os.path.join(out, "log", "metrics.jsonl"))
     assert [e["iteration"] for e in episodes] == [1, 2]
     assert all(e["time_weight_sync_s"] > 0 and 0 <= e["reward_mean"] <= 1 for e in episodes)
