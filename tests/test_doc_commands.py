@@ -208,22 +208,15 @@ def _check_outputs(env: Dict[str, str], ppo_name: str):
         assert rows[name].rstrip(" |").endswith(str(2 * n_q)), rows  # the Failed column
 
 
-def test_llama2_tutorial(tmp_path):
+@pytest.mark.parametrize("name,ppo,arch", [("llama2", "llama2_7b_ppo", "LlamaForCausalLM"),
+                                           ("bloom", "bloom_7b1_ppo", "BloomForCausalLM")])
+def test_tutorial(tmp_path, name, ppo, arch):
     tiny = str(tmp_path)
-    make_tiny("llama2", tiny)
-    env = run_tutorial(os.path.join(TUTORIALS, "llama2.md"), tiny)
-    _check_outputs(env, "llama2_7b_ppo")
-    cfg = json.load(open(os.path.join(env["WORK"], "llama2-ppo-hf", "config.json")))
-    assert cfg["architectures"] == ["LlamaForCausalLM"]
-
-
-def test_bloom_tutorial(tmp_path):
-    tiny = str(tmp_path)
-    make_tiny("bloom", tiny)
-    env = run_tutorial(os.path.join(TUTORIALS, "bloom.md"), tiny)
-    _check_outputs(env, "bloom_7b1_ppo")
-    cfg = json.load(open(os.path.join(env["WORK"], "bloom-ppo-hf", "config.json")))
-    assert cfg["architectures"] == ["BloomForCausalLM"]
+    make_tiny(name, tiny)
+    env = run_tutorial(os.path.join(TUTORIALS, f"{name}.md"), tiny)
+    _check_outputs(env, ppo)
+    cfg = json.load(open(os.path.join(env["WORK"], f"{name}-ppo-hf", "config.json")))
+    assert cfg["architectures"] == [arch]
 
 
 def test_tutorials_have_settings_and_evaluation():

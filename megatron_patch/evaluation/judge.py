@@ -79,11 +79,13 @@ SINGLE_REFERENCE = """{task}
 {answer}
 ### End of reply"""
 
-MULTI_GENERAL = """Below is a two-turn conversation between a user and an AI assistant. \
+_MULTI_HEAD = """Below is a two-turn conversation between a user and an AI assistant. \
 Grade only the assistant's SECOND reply; the first turn is there as context.
 {task}
 {rule}
+"""
 
+_CONVERSATION = """
 ### Conversation
 [User, turn 1]
 {question_1}
@@ -98,31 +100,16 @@ Grade only the assistant's SECOND reply; the first turn is there as context.
 {answer_2}
 ### End of conversation"""
 
-MULTI_REFERENCE = """Below is a two-turn conversation between a user and an AI assistant. \
-Grade only the assistant's SECOND reply; the first turn is there as context.
-{task}
-{rule}
+MULTI_GENERAL = _MULTI_HEAD + _CONVERSATION
 
+MULTI_REFERENCE = _MULTI_HEAD + """
 ### Reference solutions
 [Turn 1]
 {ref_answer_1}
 
 [Turn 2]
 {ref_answer_2}
-
-### Conversation
-[User, turn 1]
-{question_1}
-
-[Assistant, turn 1]
-{answer_1}
-
-[User, turn 2]
-{question_2}
-
-[Assistant, turn 2 - the reply to grade]
-{answer_2}
-### End of conversation"""
+""" + _CONVERSATION
 
 
 def uses_reference(q: Question, reference_categories: Sequence[str] = REFERENCE_CATEGORIES) -> bool:
