@@ -153,3 +153,36 @@ def test_plain_cache_layout_for_other_core_attentions(work, monkeypatch):
     b = generate(ref.model, prompts, params, vocab_size=ref.vocab_size)
     assert all(k.is_contiguous() for k, _ in ctx.key_value_memory_dict.values())
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+
+
+@pytest.mark.parametrize("case", ["llama", "falcon_rw"])
+def test_no_grad_scoring_forward_equals_megatron_core(work, case):
+    """A forward without an inference context and without autograd (how the RLHF roles, built
+    with these modules, score a batch; and a generation of one prompt) gives the logits of
+    megatron-core's modules bit for bit, at batch 1 too, where the embedding hands the layers a
+    [s, 1, h] tensor with a stale batch stride: megatron-core's linear takes it through its TP
+    copy (an autograd function, which returns a ``view_as`` with plain strides), and torch.matmul
+    on the two layouts can round differently (seen on the RLHF test model: PPO's first-episode KL
+    between a policy and its identical reference was 2e-6 instead of 0, test_rlhf_run)."""
+    from megatron_patch.generation import SamplingParams, generate
+
+    fast, ref = _pair(work, case, False)
+    g = torch.Generator().manual_seed(11)
+    lin = [m.decoder.layers[0].self_attention.linear_qkv for m in (fast.model, ref.model)]
+    h = lin[0].input_size
+    for s in (1, 5, 27, 64):  # the layer itself, on the embedding's layout [1, s, h] -> [s, 1, h]
+        x = torch.randn(1, s, h, generator=g).transpose(0, 1)
+        with torch.no_grad():
+            a, r = (m(x)[0] for m in lin)
+        assert torch.equal(a, r), (s, (a - r).abs().max())
+    for b, s in ((1, 27), (1, 64), (3, 19)):
+        ids = torch.randint(3, fast.vocab_size, (b, s), generator=g)
+        pos = torch.arange(s).expand(b, -1)
+        with torch.no_grad():
+            a, r = fast.model(ids, pos, None), ref.model(ids, pos, None)
+        assert torch.equal(a, r), (b, s, (a - r).abs().max())
+    params = SamplingParams(max_new_tokens=10, greedy=True, return_logprobs=True)
+    prompt = _prompts(fast.vocab_size, (9,), seed=12)
+    a = generate(fast.model, prompt, params, vocab_size=fast.vocab_size)
+    r = generate(ref.model, prompt, params, vocab_size=ref.vocab_size)
+    assert torch.equal(a.tokens, r.tokens) and torch.equal(a.logprobs, r.logprobs)

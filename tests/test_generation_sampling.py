@@ -93,6 +93,22 @@ def test_seeded_multinomial_reproducible_and_frequencies():
     assert f[2] == 0 and math.isclose(float(f[0]), 5 / 8, abs_tol=0.02)
 
 
+def test_draw_matches_the_distribution_and_never_picks_zero_mass():
+    from megatron_patch.generation.sampling import draw
+
+    # zero mass at both ends and in the middle, an unnormalised row (total 2)
+    probs = torch.tensor([[0.0, 0.2, 0.0, 1.2, 0.6, 0.0]]).expand(60000, -1)
+    got = draw(probs, make_generator(0, "cpu"))
+    freq = torch.bincount(got, minlength=6).double() / got.numel()
+    assert freq[0] == 0 and freq[2] == 0 and freq[5] == 0
+    torch.testing.assert_close(freq[[1, 3, 4]], torch.tensor([0.1, 0.6, 0.3], dtype=torch.float64),
+                               atol=0.01, rtol=0)
+    # a one-hot row always draws its token (zero mass before and after it)
+    assert draw(torch.tensor([[0.0, 0.0, 1.0, 0.0]]).expand(1000, -1)).eq(2).all()
+    a, b = draw(probs[:50], make_generator(9, "cpu")), draw(probs[:50], make_generator(9, "cpu"))
+    assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("kw", [dict(max_new_tokens=-1), dict(temperature=-1), dict(top_k=-2),
                                 dict(top_p=1.2), dict(repetition_penalty=0)])
 def test_params_validation(kw):

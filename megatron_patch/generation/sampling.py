@@ -1,7 +1,7 @@
 """Sampling: small pure functions over a batch of next-token logits, plus ``SamplingParams``.
 
 Order (the order ``transformers`` applies its processors and warpers in):
-repetition penalty -> temperature -> top-k -> top-p -> greedy argmax or a seeded multinomial draw.
+repetition penalty -> temperature -> top-k -> top-p -> greedy argmax or a seeded draw (``draw``).
 
 - Repetition penalty (CTRL paper, as transformers does it): for every token already present in the
   row (prompt + generated), a positive logit is divided by the penalty and a negative one multiplied
@@ -102,8 +102,20 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[tor
     logits = process_logits(logits, params, seen)
     if params.is_greedy or params.top_k == 1:
         return torch.argmax(logits, dim=-1)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [b, 1] -> [b]
+    return draw(torch.softmax(logits, dim=-1), generator)
+
+
+def draw(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One token per row of ``probs`` [b, V] (non-negative, any positive total), [b] int64: the
+    distribution of ``torch.multinomial(probs, 1)`` by inverse transform sampling, one uniform
+    per row against the row's cumulative sums (in float64). With ``right=True`` the chosen index is
+    the first whose cumulative sum exceeds the uniform, so a zero-probability token (an equal
+    cumulative sum) is never chosen. On a CPU, ``torch.multinomial`` takes ~180 us for 8 x 1000
+    probabilities (one thread) and this ~23 us: ~2.5 ms of a 16-token PPO rollout."""
+    cdf = probs.double().cumsum(-1)  # [b, V]
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device,
+                   generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
 
 def make_generator(seed: Optional[int], device) -> torch.Generator:

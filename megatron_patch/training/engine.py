@@ -140,8 +140,8 @@ def build_config(args, arch: MegatronArch):
 
 
 def build_model(args, arch: MegatronArch, config, vocab_size: int,
-                model_builder: Optional[Callable] = None, ddp: bool = True
-                ) -> List[torch.nn.Module]:
+                model_builder: Optional[Callable] = None, ddp: bool = True,
+                inference: bool = False) -> List[torch.nn.Module]:
     """The model chunks of this rank (several with virtual pipeline stages), fp16/bf16-wrapped and
     in megatron-core DDP. ``ddp=False``: a model that is never trained (an RLHF reference or
     reward model) skips the DDP wrapper and its fp32 gradient buffers, and its parameters get
@@ -160,7 +160,8 @@ def build_model(args, arch: MegatronArch, config, vocab_size: int,
     for vp_stage in (range(vpp) if vpp else [None]):
         m = builder(arch, config, vp_stage=vp_stage, vocab_size=vocab_size,
                     max_sequence_length=max(args.seq_length, arch.model.get("max_sequence_length", 0)),
-                    use_te=use_te, flash=args.use_flash_attn)
+                    use_te=use_te, flash=args.use_flash_attn,
+                    **({"inference": True} if inference else {}))
         chunks.append(m)
     for m in chunks:
         for p in m.parameters():

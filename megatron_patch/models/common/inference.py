@@ -87,6 +87,11 @@ class InferenceColumnParallelLinear(ColumnParallelLinear):
         w = self.weight if weight is None else weight  # a tied output layer passes the embedding's
         if not self.fast(w):
             return super().forward(input_, weight, runtime_gather_output)
+        # megatron-core's input goes through copy_to_tensor_model_parallel_region, an autograd
+        # function that returns it as ``view_as`` itself: a [s, 1, h] input with a stale batch
+        # stride (a transposed [1, s, h]) gets the plain strides, and torch.matmul on a 3-D input
+        # can round differently with the two, so the same view is taken here
+        input_ = input_.view_as(input_)
         # the forward of LinearWithGradAccumulationAndAsyncCommunication / LinearWithFrozenWeight
         output = torch.matmul(input_, w.t())
         if self.bias is not None and not self.skip_bias_add:
@@ -259,6 +264,7 @@ class InferenceMLP(MLP):
                 or fc1.gather_output or not fc1.fast(fc1.weight)):
             return super().forward(hidden_states, per_token_scale=per_token_scale, **kwargs)
         f = fc1.weight.size(0) // 2
+        hidden_states = hidden_states.view_as(hidden_states)  # as linear_fc1 takes it (its forward)
         gate = torch.matmul(hidden_states, fc1.weight[:f].t())  # [s, b, f]
         up = torch.matmul(hidden_states, fc1.weight[f:].t())
         if fc1.bias is not None:  # what the fused output + bias would hold, element by element
