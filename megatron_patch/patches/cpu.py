@@ -23,6 +23,38 @@ from megatron_patch.patches import register
 # --------------------------------------------------------------------------------------------------
 
 
+_IDENTITY_OPS = ("SUM", "AVG", "MAX", "MIN", "PRODUCT", "BAND", "BOR", "BXOR")
+
+
+@register("dist.one_rank_collectives", "torch.distributed.all_reduce/broadcast",
+          "speed: gloo runs every collective through its worker thread (0.1-0.25 ms), also on "
+          "one-rank groups, where a synchronous all_reduce or broadcast leaves the tensor as it is; "
+          "megatron-core issues 4 per training step at DP = PP = TP = 1",
+          stage="torch", when="cpu")
+def _one_rank_collectives():
+    import torch.distributed as dist
+
+    identity = {getattr(dist.ReduceOp, n) for n in _IDENTITY_OPS if hasattr(dist.ReduceOp, n)}
+    all_reduce, broadcast = dist.all_reduce, dist.broadcast
+
+    def one_rank(group) -> bool:
+        return dist.is_initialized() and dist.get_world_size(group) == 1
+
+    @functools.wraps(all_reduce)
+    def all_reduce_(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if not async_op and op in identity and one_rank(group):
+            return None  # the sum (mean, max, ...) over one rank is its own tensor
+        return all_reduce(tensor, op=op, group=group, async_op=async_op)
+
+    @functools.wraps(broadcast)
+    def broadcast_(tensor, src=None, group=None, async_op=False, group_src=None):
+        if not async_op and one_rank(group):
+            return None  # the only rank is the source
+        return broadcast(tensor, src=src, group=group, async_op=async_op, group_src=group_src)
+
+    dist.all_reduce, dist.broadcast = all_reduce_, broadcast_
+
+
 @register("cuda.current_device", "torch.cuda.current_device",
           "~175 megatron-core sites pass device=torch.cuda.current_device() (RoPE, init, p2p)",
           stage="torch", when="cpu")
