@@ -107,7 +107,8 @@ def inference_mode(model):
                     setattr(m, attr, False)
                     toggled.append((m, attr))
         cfg.sequence_parallel = False
-    model.eval()
+    if was_training:
+        model.eval()
     try:
         # inference mode, not just no_grad: no version counters or autograd metadata on the ~40
         # small tensors of every layer step (~10% of a decode step of a small model on a CPU).
@@ -121,7 +122,8 @@ def inference_mode(model):
             setattr(m, attr, True)
         if sp_was:
             cfg.sequence_parallel = True
-        model.train(was_training)
+        if was_training:
+            model.train()
 
 
 class _Parallel:

@@ -198,7 +198,8 @@ def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float,
         zero = torch.zeros_like(values[:, 0])  # [B]
         next_value, next_adv = zero, zero
         adv = torch.zeros_like(values)  # [B, T]
-        for t in range(values.shape[1] - 1, -1, -1):
+        # a column no row keeps changes nothing (next_* carry over, its advantages stay 0)
+        for t in reversed(keep.any(0).nonzero().flatten().tolist()):
             k = keep[:, t]  # [B]
             v = torch.where(k, values[:, t], zero)
             r = torch.where(k, rewards[:, t], zero)

@@ -371,12 +371,15 @@ def collect(role: Role, exp, key_out: str, micro: int, seq: int, transform=None)
         got.append(transform(o) if transform else o)
         return out.sum() * 0, torch.tensor(1, dtype=torch.int, device=out.device), {}
 
+    modes = [m.training for m in role.model]
     for m in role.model:
-        m.eval()
+        if m.training:  # (a frozen role stays in eval mode: Module.train visits every submodule)
+            m.eval()
     with torch.no_grad():
         _run(role, exp, torch.arange(exp["tokens"].shape[0]), True, keep, micro, seq)
-    for m in role.model:
-        m.train()
+    for m, mode in zip(role.model, modes):
+        if mode:
+            m.train()
     exp[key_out] = torch.zeros(exp["tokens"].shape, dtype=torch.float32)
     if got:
         out = torch.cat(got).cpu()
@@ -537,6 +540,9 @@ class RLHFTrainer:
         model = engine.build_model(args, arch, config, vocab, model_builder=builder,
                                    ddp=trainable,  # frozen roles: no DDP, no gradient buffers
                                    inference=True)
+        if not trainable:
+            for m in model:
+                m.eval()  # a frozen role only scores (and generates): no dropout
         optimizer = scheduler = None
         if trainable:
             optimizer, scheduler = engine.build_optimizer(args, model)
@@ -879,7 +885,10 @@ class RLHFTrainer:
         if self.generator is not self.policy:
             metrics["time_weight_sync_s"] = self.sync_generator()
         metrics["tokens_per_s"] = float(exp["response_length"].sum()) / max(time.time() - t0, 1e-9)
-        roles_bytes = sum(m.total_bytes() for m in self.memory.values())
+        self._sized = getattr(self, "_sized", 0) + 1
+        if self._sized <= 2 or self.offload:  # constant once the optimizer state exists
+            self._roles_bytes = sum(m.total_bytes() for m in self.memory.values())
+        roles_bytes = self._roles_bytes
         # without offloading every role holds all of its storages all the time
         metrics["resident_mb_max"] = (self.peak_bytes if self.offload else roles_bytes) / 2 ** 20
         metrics["roles_mb"] = roles_bytes / 2 ** 20
