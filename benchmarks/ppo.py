@@ -3,8 +3,10 @@
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/ppo.py [--episodes 20] [--json PATH]``
 (``--algorithms ppo`` for one of them; ``--profile ppo`` prints a cProfile of that algorithm's timed
-episodes, top 25 by cumulative time; ``--use-flash-attn`` runs every role with the SDPA core
-attention; ``--work DIR`` keeps and reuses the tokenizer and checkpoint; ``--help`` for the rest).
+episodes, top 25 by cumulative time; every role runs with ``use_flash_attn`` (the SDPA core
+attention), as the shipped ``examples/rlhf/configs`` set it, and ``--no-flash-attn`` with
+megatron-core's unfused local attention; ``--work DIR`` keeps and reuses the tokenizer and
+checkpoint; ``--help`` for the rest).
 The default run takes under a minute on an idle core, most of it the timed episodes.
 
 Workload (the issue's): 8 responses x 16 new tokens per step (8 prompts for PPO; 2 prompts x 4
@@ -27,6 +29,11 @@ and value: forward, backward, optimizer); ``other`` is the rest of the step (exp
 advantages, metrics); each column is its own median, so they need not add up to the step's.
 Goals: PPO <= 0.12 CPU s/step, GRPO <= 0.05 (TRL 1.12's PPOTrainer: ~0.6
 CPU s/step on this workload, ~0.13 without its per-step ``gc.collect``).
+
+``plain``: after each timed episode, one step of the same workload in plain PyTorch + transformers
+(``benchmarks/ppo_plain.py``: HF ``generate``, AdamW, the same losses; no Megatron), timed the same
+way; ``ratio`` = ours / plain (medians). The VM's speed drifts by up to +-30% over minutes, so the
+ratio, measured in one run, is the figure that carries over; ``--no-plain`` leaves it out.
 """
 from __future__ import annotations
 
@@ -45,6 +52,7 @@ import time
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import megatron_patch  # noqa: E402,F401
 import torch  # noqa: E402
@@ -161,6 +169,16 @@ def bench(algorithm: str, tok: str, prompts: str, init: str, a) -> dict:
               for r in (trainer.policy, trainer.reference, trainer.reward, trainer.value) if r}
     dataset = PromptDataset([prompts], trainer.tokenizer, cfg.max_prompt_length)
     log = _NullLogger()
+    plain = None
+    if a.plain:
+        from ppo_plain import PlainStep
+
+        plain = PlainStep(algorithm, os.path.join(init, "config.json"), dataset.ids,
+                          samples=n, group=a.group, new_tokens=a.new_tokens,
+                          ppo_epochs=a.ppo_epochs, lr=a.lr, pad_id=trainer.pad,
+                          eos_id=trainer.eos, kl_coef=0.05)
+        for _ in range(a.warmup):
+            plain.step()
     clock = PhaseClock(T, trainer)
     saved = (T.generate, T.collect)
     try:
@@ -168,7 +186,7 @@ def bench(algorithm: str, tok: str, prompts: str, init: str, a) -> dict:
             trainer.run_episode(dataset, log)
         clock.take()
         prof = cProfile.Profile() if a.profile == algorithm else None
-        steps, phases, metrics = [], {p: [] for p in PHASES}, []
+        steps, phases, metrics, plain_steps = [], {p: [] for p in PHASES}, [], []
         for _ in range(a.episodes):
             if prof:
                 prof.enable()
@@ -183,6 +201,10 @@ def bench(algorithm: str, tok: str, prompts: str, init: str, a) -> dict:
             for k, v in ph.items():
                 phases[k].append(v)
             metrics.append(m)
+            if plain is not None:
+                t0 = time.process_time()
+                plain.step()
+                plain_steps.append(time.process_time() - t0)
     finally:
         T.generate, T.collect = saved
     if prof:
@@ -190,7 +212,10 @@ def bench(algorithm: str, tok: str, prompts: str, init: str, a) -> dict:
         pstats.Stats(prof, stream=s).sort_stats(os.environ.get("PROFILE_SORT", "cumulative")).print_stats(a.profile_top)
         print(f"\ncProfile of {a.episodes} {algorithm} episodes (cumulative):\n" + s.getvalue())
     med = statistics.median(steps)
+    plain_med = statistics.median(plain_steps) if plain_steps else None
     return {
+        "plain_cpu_s_per_step": plain_med, "plain_steps": plain_steps,
+        "ratio_to_plain": med / plain_med if plain_med else None,
         "cpu_s_per_step": med, "cpu_s_min": min(steps), "cpu_s_max": max(steps),
         "steps": steps, "goal_cpu_s": GOALS[algorithm],
         "phases_cpu_s": {k: statistics.median(v) for k, v in phases.items()},
@@ -215,8 +240,12 @@ def main() -> int:
     p.add_argument("--max-prompt-length", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--use-flash-attn", action="store_true",
-                   help="every role with the SDPA core attention (the trainer's CLI default: off)")
+    p.add_argument("--no-flash-attn", dest="use_flash_attn", action="store_false",
+                   help="every role with megatron-core's local (unfused) core attention instead of "
+                        "SDPA (the trainer CLI's default; the shipped RLHF configs set "
+                        "use_flash_attn: true)")
+    p.add_argument("--no-plain", dest="plain", action="store_false",
+                   help="leave out the interleaved plain PyTorch + transformers step")
     p.add_argument("--profile", default=None, choices=["ppo", "grpo"],
                    help="cProfile this algorithm's timed episodes")
     p.add_argument("--profile-top", type=int, default=25)
@@ -258,9 +287,10 @@ def main() -> int:
           f"FFN {MODEL['ffn']}, vocab {MODEL['vocab']} ({first['policy']:,} parameters per "
           f"role); {a.samples} responses x {a.new_tokens} new tokens, {a.ppo_epochs} epochs x 1 "
           f"mini-batch; median CPU s/step of {a.episodes} steps after {a.warmup} warm-up"
-          + ("; SDPA core attention" if a.use_flash_attn else ""))
+          + ("; SDPA core attention (use_flash_attn)" if a.use_flash_attn
+             else "; megatron-core's local core attention"))
     head = f"| {'algorithm':9} | {'CPU s/step':>10} | " + " | ".join(
-        f"{k:>10}" for k in PHASES) + f" | {'goal':>6} | {'met':>3} |"
+        f"{k:>10}" for k in PHASES) + f" | {'goal':>6} | {'met':>3} | {'plain':>6} | {'ratio':>5} |"
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
     for algo in algos:
@@ -269,7 +299,9 @@ def main() -> int:
         met = "yes" if r["cpu_s_per_step"] <= r["goal_cpu_s"] else "no"
         print(f"| {algo.upper():9} | {r['cpu_s_per_step']:10.4f} | " +
               " | ".join(f"{ph[k]:10.4f}" for k in PHASES) +
-              f" | {r['goal_cpu_s']:6.2f} | {met:>3} |")
+              f" | {r['goal_cpu_s']:6.2f} | {met:>3} | " +
+              (f"{r['plain_cpu_s_per_step']:6.4f} | {r['ratio_to_plain']:5.2f} |"
+               if r["plain_cpu_s_per_step"] else f"{'-':>6} | {'-':>5} |"))
     for algo in algos:
         r = results[algo]
         print(f"{algo}: min/max {r['cpu_s_min']:.4f}/{r['cpu_s_max']:.4f} CPU s, wall "
