@@ -264,11 +264,6 @@ BAD = {
                                     {"tensor_model_parallel_size": 2}), {},
                                    "models.reward_ref",
                                    "num_device 1 is not a multiple of TP x PP = 2"),
-    "value twin in another layout": (("reward_forward", "value_inference.yaml",
-                                      {"tensor_model_parallel_size": 2}),
-                                     {"NUM_DEVICE": "2", "WORLD_SIZE": "2"},
-                                     "TP=2 PP=1 differs from reward_train's TP=1 PP=1",
-                                     "give reward_forward the layout of reward_train"),
     "missing checkpoint": ({}, {"POLICY_LOAD": "/nonexistent/sft"}, "/nonexistent/sft",
                            "not a checkpoint folder"),
     "missing load_iteration": ({}, {"REWARD_LOAD_ITERATION": "7"}, "(role reward_ref)",
@@ -308,6 +303,34 @@ def test_bad_config_is_one_line_exit_2_before_building(ws, case, tmp_path, monke
     assert err[-1].startswith("error: ") and all(w in err[-1] for w in want), err
     assert not any(x.startswith("error") for x in err[:-1]), err
     assert not os.path.exists(tmp_path / "output"), "nothing built, nothing written"
+
+
+def test_twins_in_their_own_layouts_reach_the_trainer(ws, tmp_path, monkeypatch):
+    """policy (generation) and reward_forward (values) in layouts of their own: the plan hands the
+    trainer both twins' arguments (the trainer side: test_rlhf.py's per-role layouts test)."""
+    from megatron_patch.rlhf import run
+
+    main = {"includes": [os.path.join(LLAMA2, "rlhf.yaml")], "models": {
+        role: {"model_config_file": _override(str(tmp_path), role, src,
+                                              tensor_model_parallel_size=2)}
+        for role, src in (("policy", "policy_inference.yaml"),
+                          ("reward_forward", "value_inference.yaml"))}}
+    with open(tmp_path / "rlhf.yaml", "w") as f:
+        yaml.safe_dump(main, f)
+    for k in SCRIPT_ENV:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in _vars(ws, exp_name="twins", NUM_DEVICE="2", TP="1").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)
+    plan = run.prepare(str(tmp_path / "rlhf.yaml"), 2, lambda m: None)
+    try:
+        a = plan.args
+        assert a["policy"].tensor_model_parallel_size == a["value"].tensor_model_parallel_size == 1
+        assert a["generation"].tensor_model_parallel_size == 2
+        assert a["value_forward"].tensor_model_parallel_size == 2
+        assert a["generation"].load == a["policy"].load
+    finally:
+        plan.cleanup()
 
 
 def test_bad_config_through_the_script_and_usage(ws, tmp_path):

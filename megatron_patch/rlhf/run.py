@@ -4,11 +4,14 @@ Under torchrun (``examples/rlhf/run_rlhf.sh`` starts it) every process runs ever
 (``megatron_patch.rlhf.trainer``). Roles of the YAML -> trainer roles:
 
     ppo_policy   -> policy     (trained; from its ``load``, the SFT checkpoint)
-    policy       -> the policy itself (its inference twin): only its RLHF generation keys are read
+    policy       -> the policy itself (its inference twin): only its RLHF generation keys are
+                    read; in another TP/PP layout a second copy generates and receives the trained
+                    weights after every episode
     reference    -> reference  (frozen; from its ``load``, the SFT checkpoint)
     reward_ref   -> reward     (frozen reward model; from its ``load``, the RM checkpoint)
     reward_train -> value      (trained, PPO only; from its ``load``, the RM checkpoint or any LM)
-    reward_forward -> the value model itself (its inference twin)
+    reward_forward -> the value model itself (its inference twin); in another layout a second
+                    copy computes the values, likewise
 
 Settings: ``trainer.ppo_config_from`` (the ``rlhf:`` section and the per-model RLHF keys). Prompts:
 ``rlhf.data_path``. Outputs under ``rlhf.output_dir``: ``rlhf_state.json`` (episode, consumed
@@ -181,13 +184,6 @@ def prepare(path: str, world_size: int, warn: Callable[[str], None],
             raise _err(models[n], f"{shape(a)} does not divide the {world_size} process(es) of "
                                   "this job (every role runs on all of them, in world / (TP x PP) "
                                   "data-parallel replicas)")
-    # the value model's inference twin is the value model itself: one layout for both
-    if "reward_forward" in twins and "reward_train" in args and \
-            T.layout_of(twins["reward_forward"]) != T.layout_of(args["reward_train"]):
-        raise _err(models["reward_forward"],
-                   f"{shape(twins['reward_forward'])} differs from reward_train's "
-                   f"{shape(args['reward_train'])}: the value model scores with its trained "
-                   "weights in their own layout; give reward_forward the layout of reward_train")
     for twin, of in TWINS.items():
         if twin in twins and of in args and twins[twin].load != args[of].load:
             warn(f"{models[twin].model_config_file}: load {twins[twin].load} is not read: the "
@@ -242,6 +238,10 @@ def prepare(path: str, world_size: int, warn: Callable[[str], None],
         generation = argparse.Namespace(**vars(twins["policy"]))
         generation.load, generation.pretrained_checkpoint = pa.load, pa.pretrained_checkpoint
         trainer_args["generation"] = generation
+    if "reward_forward" in twins and "reward_train" in args and \
+            T.layout_of(twins["reward_forward"]) != T.layout_of(args["reward_train"]):
+        # the value model's inference twin in a layout of its own: likewise, from the value model
+        trainer_args["value_forward"] = argparse.Namespace(**vars(twins["reward_forward"]))
     return Plan(cfg, ppo, trainer_args, prompts, eval_prompts, root,
                 os.path.abspath(pa.log_dir or os.path.join(root, "log")),
                 os.path.abspath(pa.tensorboard_dir or os.path.join(root, "tensorboard")), views)
@@ -289,7 +289,8 @@ def main(argv: Optional[list] = None) -> int:
     def body():
         T.run(plan.ppo, a["policy"], a.get("reward"), a.get("value"), plan.prompts, plan.root,
               plan.log_dir, plan.tensorboard_dir, reference_args=a["reference"],
-              eval_prompts=plan.eval_prompts, generation_args=a.get("generation"))
+              eval_prompts=plan.eval_prompts, generation_args=a.get("generation"),
+              value_forward_args=a.get("value_forward"))
     return run_entry(body, cleanup=plan.cleanup)
 
 

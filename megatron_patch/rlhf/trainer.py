@@ -34,7 +34,8 @@ every process, world / (TP x PP) data-parallel replicas each). Every rank holds 
 of an episode; a role's replicas take equal shares for their forwards (outputs gathered back) and
 for each mini-batch of training. The policy's inference twin (``generation_args``) in another
 layout is a second copy that receives the trained weights, resharded through a torch_dist
-checkpoint, after every episode; in the same layout the policy generates itself.
+checkpoint, after every episode; in the same layout the policy generates itself. Likewise the
+value model's inference twin (``value_forward_args``), which computes the values of an episode.
 
 Settings: ``PPOConfig`` (defaults: the YAML schema of ``megatron_patch.rlhf.config``), built from
 a YAML folder by ``ppo_config_from``; ``python -m megatron_patch.rlhf.run RLHF_YAML`` runs one,
@@ -221,10 +222,11 @@ def ppo_config_from(rlhf_config, warn: Callable[[str], None] = _warn) -> PPOConf
 class Role:
     def __init__(self, name: str, args, arch, model: List[torch.nn.Module], vocab: int,
                  optimizer=None, scheduler=None, vocab_limit: Optional[int] = None,
-                 layout_key: tuple = None):
+                 layout_key: tuple = None, scalar_head: bool = False):
         self.name, self.args, self.arch, self.model, self.vocab = name, args, arch, model, vocab
         self.optimizer, self.scheduler = optimizer, scheduler
         self.vocab_limit = vocab_limit  # token ids the tokenizer can produce (the rest: padding)
+        self.scalar_head = scalar_head  # a reward/value model: per-position scalars, no LM head
         self.layout = layout_key  # its megatron-core parallel layout (Layouts key)
         self.dp = parallel_state.get_data_parallel_world_size()  # (built under that layout)
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -343,11 +345,10 @@ def _run(role: Role, exp: Dict[str, torch.Tensor], index: torch.Tensor, forward_
     dev = platform.current_device()
     n_micro = math.ceil(len(index) / micro)
     width = _width(role, exp["mask"][index], seq)
-    reward_like = role.name in ("reward", "value")
 
     def step(data_iterator, model):
         batch = {k: v.to(dev) for k, v in next(data_iterator).items()}
-        if reward_like:
+        if role.scalar_head:
             out = model(batch["tokens"], batch["position_ids"], None)  # [b, s] values
         else:
             out = _token_logprobs(model, batch["tokens"], batch["position_ids"], entropy,
@@ -438,13 +439,15 @@ def check_layouts(role_args: Dict[str, Optional[argparse.Namespace]], world: int
 
 class RLHFTrainer:
     def __init__(self, cfg: PPOConfig, policy_args, reward_args=None, value_args=None,
-                 reference_args=None, generation_args=None):
+                 reference_args=None, generation_args=None, value_forward_args=None):
         """``reference_args``: the reference model's arguments (default: ``policy_args``; it must
         load a checkpoint). Each role runs with the TP/PP layout of its own arguments (every role
         on every process). ``generation_args``: the layout of the policy's inference twin when it
         differs from the trained policy's: a second copy of the policy generates, and the trained
         weights are resharded into it after every episode (``time_weight_sync_s``); with the
-        same layout (or None) the trained policy generates itself (no copy)."""
+        same layout (or None) the trained policy generates itself (no copy).
+        ``value_forward_args``: likewise for the value model's inference twin, which scores the
+        values of each episode (PPO)."""
         self.cfg = cfg
         check_config(cfg)
         if reward_args is None and not cfg.reward_function:
@@ -452,8 +455,8 @@ class RLHFTrainer:
         platform.init_process_group()
         world = dist.get_world_size()
         check_layouts({"policy": policy_args, "generation": generation_args,
-                       "reference": reference_args, "reward": reward_args, "value": value_args},
-                      world)
+                       "reference": reference_args, "reward": reward_args, "value": value_args,
+                       "value_forward": value_forward_args}, world)
         self.reward_fn = load_reward_function(cfg.reward_function) if cfg.reward_function else None
         steps = cfg.num_episodes * cfg.num_training_epoch * (cfg.sample_per_episode //
                                                              cfg.train_global_batch_size)
@@ -488,6 +491,14 @@ class RLHFTrainer:
         if cfg.algorithm == "ppo":
             self.value = self._role("value", value_args or reward_args or policy_args, None, steps,
                                     trainable=True, head=True)
+        self.value_scorer = self.value  # the role that computes values: the value model or its twin
+        if self.value is not None and value_forward_args is not None and \
+                layout_key(value_forward_args) != self.value.layout:
+            twin = argparse.Namespace(**vars(value_forward_args))
+            twin.load = self.value.args.load  # it starts from the value model's weights
+            twin.pretrained_checkpoint = getattr(self.value.args, "pretrained_checkpoint", None)
+            self.value_scorer = self._role("value_forward", twin, None, steps, trainable=False,
+                                           head=True)
         if cfg.kl_target:
             self.kl_ctl = L.AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
         else:
@@ -495,8 +506,8 @@ class RLHFTrainer:
         self.episode = 0
         self.consumed_prompts = 0
         self._orders: Dict[int, List[int]] = {}
-        roles = [r for r in (self.policy, self.generator, self.reference, self.reward, self.value)
-                 if r is not None]
+        roles = [r for r in (self.policy, self.generator, self.reference, self.reward, self.value,
+                             self.value_scorer) if r is not None]
         self.roles = list({id(r): r for r in roles}.values())
         self.offload = bool(cfg.offload)
         self.memory = {id(r): RoleMemory(r.model, r.optimizer) for r in self.roles}
@@ -556,7 +567,8 @@ class RLHFTrainer:
             raise ArgumentError(f"the {name} role needs a checkpoint")
         print_rank_last(f"> {name}: {arch.family}, {'trainable' if trainable else 'frozen'}, "
                         f"TP={key[0]} PP={key[1]}{', from ' + src if src else ''}")
-        return Role(name, args, arch, model, vocab, optimizer, scheduler, self.vocab_limit, key)
+        return Role(name, args, arch, model, vocab, optimizer, scheduler, self.vocab_limit, key,
+                    scalar_head=head)
 
     # -- offloading: with ``offload`` only the role at work keeps its storages on the device
 
@@ -653,7 +665,7 @@ class RLHFTrainer:
         self._collect(self.policy, exp, "old_logprobs", neg)
         self._collect(self.reference, exp, "ref_logprobs", neg)
         if self.value is not None and not evaluation:
-            self._collect(self.value, exp, "values")
+            self._collect(self.value_scorer, exp, "values")
         score = torch.zeros(len(rows))
         if self.reward is not None:
             self._collect(self.reward, exp, "rm_values")
@@ -705,27 +717,31 @@ class RLHFTrainer:
                                    group=parallel_state.get_data_parallel_group())
         return [r for p in parts for r in p[0]], [e for p in parts for e in p[1]]
 
-    def sync_generator(self) -> float:
-        """Reshard the trained policy's weights into its inference twin (another layout) through
-        a torch_dist checkpoint in a temporary folder (megatron-core's dist_checkpointing does the
-        resharding); seconds taken (0 when the policy generates itself)."""
-        if self.generator is self.policy:
-            return 0.0
+    def sync_twins(self) -> float:
+        """Reshard the trained weights into the inference twins in other layouts (the policy's
+        generator, the value model's scorer); seconds taken (0 when every role serves itself)."""
         t0 = time.time()
-        self._resident(self.policy, self.generator)
+        for trained, twin in ((self.policy, self.generator), (self.value, self.value_scorer)):
+            if twin is not trained:
+                self._reshard(trained, twin)
+        return time.time() - t0
+
+    def _reshard(self, src: Role, dst: Role) -> None:
+        """``dst`` gets ``src``'s weights through a torch_dist checkpoint in a temporary folder
+        (megatron-core's dist_checkpointing does the resharding between their layouts)."""
+        self._resident(src, dst)
         tmp = [tempfile.mkdtemp(prefix="rlhf_sync_") if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(tmp, src=0)
         try:
-            with self.layouts.use(self.policy.layout):
-                checkpointing.save_checkpoint(tmp[0], 1, self.policy.model, None, None, {},
+            with self.layouts.use(src.layout):
+                checkpointing.save_checkpoint(tmp[0], 1, src.model, None, None, {},
                                               ckpt_format="torch_dist")
-            with self.layouts.use(self.generator.layout):
-                checkpointing.load_weights_only(tmp[0], self.generator.model)
+            with self.layouts.use(dst.layout):
+                checkpointing.load_weights_only(tmp[0], dst.model)
         finally:
             dist.barrier()
             if dist.get_rank() == 0:
                 shutil.rmtree(tmp[0], ignore_errors=True)
-        return time.time() - t0
 
     def evaluate(self, dataset) -> Dict[str, float]:
         """The current policy on the held-out prompts: ``eval_reward_mean`` / ``_std`` (over every
@@ -882,8 +898,8 @@ class RLHFTrainer:
         metrics["time_generation_s"] = timing["generation"]
         metrics["time_logprobs_s"] = timing["scoring"]  # old/reference log-probs, values, reward
         metrics["time_training_s"] = time.time() - t_gen
-        if self.generator is not self.policy:
-            metrics["time_weight_sync_s"] = self.sync_generator()
+        if self.generator is not self.policy or self.value_scorer is not self.value:
+            metrics["time_weight_sync_s"] = self.sync_twins()
         metrics["tokens_per_s"] = float(exp["response_length"].sum()) / max(time.time() - t0, 1e-9)
         self._sized = getattr(self, "_sized", 0) + 1
         if self._sized <= 2 or self.offload:  # constant once the optimizer state exists
@@ -945,7 +961,7 @@ class RLHFTrainer:
                                                   iteration=st["episode"])
         self.episode, self.consumed_prompts = st["episode"], st["consumed_prompts"]
         self.kl_ctl.load_state_dict(st["kl_controller"])
-        self.sync_generator()
+        self.sync_twins()
         return True
 
 
@@ -962,7 +978,7 @@ def load_reward_function(spec: str) -> Callable:
 def run(cfg: PPOConfig, policy_args, reward_args, value_args, prompts: List[str],
         save: Optional[str], log_dir: Optional[str], tensorboard_dir: Optional[str] = None,
         reference_args=None, eval_prompts: Optional[List[str]] = None,
-        generation_args=None) -> List[dict]:
+        generation_args=None, value_forward_args=None) -> List[dict]:
     """Train ``cfg.num_episodes`` episodes (resuming from ``save``'s rlhf_state.json when there
     is one); ``save``: the folder of rlhf_state.json, and of the trainable roles that have no
     ``save`` argument of their own (``save/policy``, ``save/value``).
@@ -977,7 +993,7 @@ def run(cfg: PPOConfig, policy_args, reward_args, value_args, prompts: List[str]
         raise ArgumentError("held-out evaluation needs both the eval prompts and "
                             "eval_episode_interval")
     trainer = RLHFTrainer(cfg, policy_args, reward_args, value_args, reference_args,
-                          generation_args)
+                          generation_args, value_forward_args)
     dataset = PromptDataset(prompts, trainer.tokenizer, cfg.max_prompt_length)
     eval_dataset = None
     if eval_prompts:
@@ -1046,7 +1062,7 @@ def build_cli() -> argparse.ArgumentParser:
     return p
 
 
-LAYOUT_ROLES = ("generation", "reference", "reward", "value")
+LAYOUT_ROLES = ("generation", "reference", "reward", "value", "value_forward")
 
 
 def parse_layouts(items: List[str]) -> Dict[str, tuple]:
@@ -1099,9 +1115,12 @@ def main(argv: Optional[list] = None) -> int:
             if "reference" in shapes else None
         generation = role_args(cli.policy, cli, cli.lr, shapes["generation"]) \
             if "generation" in shapes else None
+        value_forward = role_args(value_src, cli, cli.lr, shapes["value_forward"]) \
+            if "value_forward" in shapes else None
         run(cfg, role_args(cli.policy, cli, cli.lr), reward, value, cli.prompts, cli.save,
             cli.log_dir, cli.tensorboard_dir, reference_args=reference,
-            eval_prompts=cli.eval_prompts, generation_args=generation)
+            eval_prompts=cli.eval_prompts, generation_args=generation,
+            value_forward_args=value_forward)
 
     return run_entry(body)
 
