@@ -126,25 +126,35 @@ def _reward_model(ws):
 def test_offloading_idle_roles_changes_nothing_but_memory(ws):
     """Policy, reference, reward and value models: with offloading, only the role at work keeps
     its storages (weights; gradients and optimizer state while it trains) and the others are
-    released to host memory between phases. The episodes are the same to the bit, and the most
-    bytes held at once fall well below the sum of the roles."""
+    released to host memory between phases; per role, only the roles named release what they are
+    told. The episodes are the same to the bit, and the most bytes held at once fall well below
+    the sum of the roles (between the two with per-role offloading)."""
     steps = ["--num-episodes", "2", "--sample-per-episode", "16", "--generation-batch-size", "8",
              "--train-micro-batch-size", "4", "--train-global-batch-size", "8",
              "--reward", _reward_model(ws)]
     kept = rlhf(ws, "offload_no", 1, *steps, "--offload", "false")
     moved = rlhf(ws, "offload_yes", 1, *steps, "--offload", "true")
+    # per role (ChatLearn's offload_weights / free_memory): the reference's weights, all of the
+    # value model's storages
+    some = rlhf(ws, "offload_some", 1, *steps, "--offload-role", "reference=weights",
+                "--offload-role", "value=all")
     skip = ("time_generation_s", "time_logprobs_s", "time_training_s", "tokens_per_s",
             "resident_mb_max")
-    for a, b in zip(kept, moved):
+    for a, b, c in zip(kept, moved, some):
         assert {k: v for k, v in a.items() if k not in skip} == \
-            {k: v for k, v in b.items() if k not in skip}
+            {k: v for k, v in b.items() if k not in skip} == \
+            {k: v for k, v in c.items() if k not in skip}
     held, roles = moved[-1]["resident_mb_max"], moved[-1]["roles_mb"]
-    print(f"most MB held at once: {held:.2f} offloading, {kept[-1]['resident_mb_max']:.2f} not, "
-          f"of {roles:.2f} for the four roles")
+    partly = some[-1]["resident_mb_max"]
+    print(f"most MB held at once: {held:.2f} offloading, {partly:.2f} offloading the reference's "
+          f"weights and the value model, {kept[-1]['resident_mb_max']:.2f} not, of {roles:.2f} "
+          "for the four roles")
     assert kept[-1]["resident_mb_max"] == roles  # without offloading every role stays
     # with it the peak is the policy while it trains (its weights, fp32 gradient buffer and
     # Adam's two moments: 3.41 MB of 7.28 here), the largest of the four roles' footprints
     assert 0 < held < 0.5 * roles, (held, roles)
+    # per role: the policy and the reward model always stay, so the peak lies in between
+    assert held < partly < roles, (held, partly, roles)
 
 
 def test_per_role_layouts_equal_all_tp1(ws):

@@ -307,7 +307,8 @@ def test_bad_config_is_one_line_exit_2_before_building(ws, case, tmp_path, monke
 
 def test_twins_in_their_own_layouts_reach_the_trainer(ws, tmp_path, monkeypatch):
     """policy (generation) and reward_forward (values) in layouts of their own: the plan hands the
-    trainer both twins' arguments (the trainer side: test_rlhf.py's per-role layouts test)."""
+    trainer both twins' arguments (the trainer side: test_rlhf.py's per-role layouts test), and the
+    per-model offload keys for the trainer roles they map to."""
     from megatron_patch.rlhf import run
 
     main = {"includes": [os.path.join(LLAMA2, "rlhf.yaml")], "models": {
@@ -315,6 +316,11 @@ def test_twins_in_their_own_layouts_reach_the_trainer(ws, tmp_path, monkeypatch)
                                               tensor_model_parallel_size=2)}
         for role, src in (("policy", "policy_inference.yaml"),
                           ("reward_forward", "value_inference.yaml"))}}
+    # ChatLearn's per-model memory keys, each for the trainer role that the YAML role becomes
+    main["models"]["policy"]["offload_weights"] = True  # -> the generation twin
+    main["models"]["reward_forward"]["free_memory"] = True  # -> the value twin
+    main["models"]["reference"] = {"offload_weights": True}
+    main["models"]["reward_train"] = {"free_memory": True}
     with open(tmp_path / "rlhf.yaml", "w") as f:
         yaml.safe_dump(main, f)
     for k in SCRIPT_ENV:
@@ -329,6 +335,8 @@ def test_twins_in_their_own_layouts_reach_the_trainer(ws, tmp_path, monkeypatch)
         assert a["generation"].tensor_model_parallel_size == 2
         assert a["value_forward"].tensor_model_parallel_size == 2
         assert a["generation"].load == a["policy"].load
+        assert plan.offload == {"generation": "weights", "value_forward": "all",
+                                "reference": "weights", "value": "all"}
     finally:
         plan.cleanup()
 

@@ -44,9 +44,10 @@ TRAINABLE_ROLES = ("ppo_policy", "reward_train")
 REQUIRED_ROLES = {"ppo": ("ppo_policy", "policy", "reference", "reward_train"),
                   "grpo": ("ppo_policy", "policy", "reference")}
 ROLE_KEYS = {"model_config_file": "str", "num_device": "int", "gpu_per_process": "int",
-             "trainable": "bool", "return_rlhf_data": "bool"}
-# ChatLearn role settings for its own memory management and batching: accepted, no effect here.
-IGNORED_ROLE_KEYS = frozenset({"free_memory", "offload_weights", "batch_generation"})
+             "trainable": "bool", "return_rlhf_data": "bool", "free_memory": "bool",
+             "offload_weights": "bool"}
+# ChatLearn role settings for its own batching: accepted, no effect here.
+IGNORED_ROLE_KEYS = frozenset({"batch_generation"})
 # ChatLearn/Megatron model keys accepted with no effect here (values not checked): architecture
 # fixed by model_family / model_size (bloom is always ALiBi), Megatron switches this project lacks.
 IGNORED_MODEL_KEYS = frozenset({
@@ -272,6 +273,8 @@ class RoleConfig:
     gpu_per_process: int = 1
     trainable: bool = False
     return_rlhf_data: bool = False
+    free_memory: bool = False  # idle: weights and (trainable) training state to host memory
+    offload_weights: bool = False  # idle: weights to host memory
     values: dict = field(default_factory=dict)
     origins: Dict[tuple, str] = field(default_factory=dict, repr=False, compare=False)
 

@@ -112,11 +112,12 @@ class RoleMemory:
                 _as_bytes(st).copy_(host, non_blocking=True)
         self.released[part] = []
 
-    def offload(self, weights: bool = True) -> None:
-        """Training state (gradient buffers: dropped, they are zeroed before every step;
-        optimizer: kept) and, with ``weights``, the parameters, to host memory."""
-        self._release("grads", self._grads(), keep=False)
-        self._release("optimizer", self._optimizer_state(), keep=True)
+    def offload(self, weights: bool = True, training: bool = True) -> None:
+        """With ``training`` the training state (gradient buffers: dropped, they are zeroed before
+        every step; optimizer: kept) and with ``weights`` the parameters, to host memory."""
+        if training:
+            self._release("grads", self._grads(), keep=False)
+            self._release("optimizer", self._optimizer_state(), keep=True)
         if weights:
             self._release("weights", self._weights(), keep=True)
 

@@ -62,6 +62,7 @@ class Plan:
     config: RLHFConfig
     ppo: object  # trainer.PPOConfig
     args: Dict[str, argparse.Namespace]  # trainer role (policy, reference, reward, value) -> args
+    offload: Dict[str, str]  # trainer role -> "weights" / "all" (free_memory, offload_weights)
     prompts: List[str]
     eval_prompts: Optional[List[str]]  # held-out prompt files (rlhf.eval_data_path) or None
     root: str
@@ -242,7 +243,20 @@ def prepare(path: str, world_size: int, warn: Callable[[str], None],
             T.layout_of(twins["reward_forward"]) != T.layout_of(args["reward_train"]):
         # the value model's inference twin in a layout of its own: likewise, from the value model
         trainer_args["value_forward"] = argparse.Namespace(**vars(twins["reward_forward"]))
-    return Plan(cfg, ppo, trainer_args, prompts, eval_prompts, root,
+    # per-model offloading (ChatLearn's free_memory / offload_weights) -> trainer roles; a twin
+    # that is its trained role itself adds its setting to that role's
+    where_to = {"ppo_policy": "policy", "reference": "reference", "reward_ref": "reward",
+                "reward_train": "value",
+                "policy": "generation" if "generation" in trainer_args else "policy",
+                "reward_forward": "value_forward" if "value_forward" in trainer_args else "value"}
+    offload: Dict[str, str] = {}
+    for n, r in models.items():
+        kind = "all" if r.free_memory else "weights" if r.offload_weights else None
+        target = where_to.get(n)
+        if kind and target and not (ppo.algorithm == "grpo" and n in ("reward_train",
+                                                                       "reward_forward")):
+            offload[target] = "all" if "all" in (kind, offload.get(target)) else kind
+    return Plan(cfg, ppo, trainer_args, offload, prompts, eval_prompts, root,
                 os.path.abspath(pa.log_dir or os.path.join(root, "log")),
                 os.path.abspath(pa.tensorboard_dir or os.path.join(root, "tensorboard")), views)
 
@@ -290,7 +304,7 @@ def main(argv: Optional[list] = None) -> int:
         T.run(plan.ppo, a["policy"], a.get("reward"), a.get("value"), plan.prompts, plan.root,
               plan.log_dir, plan.tensorboard_dir, reference_args=a["reference"],
               eval_prompts=plan.eval_prompts, generation_args=a.get("generation"),
-              value_forward_args=a.get("value_forward"))
+              value_forward_args=a.get("value_forward"), offload_roles=plan.offload)
     return run_entry(body, cleanup=plan.cleanup)
 
 

@@ -439,7 +439,8 @@ def check_layouts(role_args: Dict[str, Optional[argparse.Namespace]], world: int
 
 class RLHFTrainer:
     def __init__(self, cfg: PPOConfig, policy_args, reward_args=None, value_args=None,
-                 reference_args=None, generation_args=None, value_forward_args=None):
+                 reference_args=None, generation_args=None, value_forward_args=None,
+                 offload_roles: Optional[Dict[str, str]] = None):
         """``reference_args``: the reference model's arguments (default: ``policy_args``; it must
         load a checkpoint). Each role runs with the TP/PP layout of its own arguments (every role
         on every process). ``generation_args``: the layout of the policy's inference twin when it
@@ -447,7 +448,9 @@ class RLHFTrainer:
         weights are resharded into it after every episode (``time_weight_sync_s``); with the
         same layout (or None) the trained policy generates itself (no copy).
         ``value_forward_args``: likewise for the value model's inference twin, which scores the
-        values of each episode (PPO)."""
+        values of each episode (PPO). ``offload_roles``: {role name: ``"weights"`` or ``"all"``},
+        what of that role goes to host memory while it is idle (ChatLearn's per-model
+        ``offload_weights`` / ``free_memory``); ``cfg.offload`` means ``"all"`` for every role."""
         self.cfg = cfg
         check_config(cfg)
         if reward_args is None and not cfg.reward_function:
@@ -509,7 +512,18 @@ class RLHFTrainer:
         roles = [r for r in (self.policy, self.generator, self.reference, self.reward, self.value,
                              self.value_scorer) if r is not None]
         self.roles = list({id(r): r for r in roles}.values())
-        self.offload = bool(cfg.offload)
+        unknown = set(offload_roles or {}) - {r.name for r in self.roles}
+        bad = {k: v for k, v in (offload_roles or {}).items() if v not in OFFLOAD_KINDS}
+        if unknown or bad:
+            raise ArgumentError(f"offload: {sorted(unknown)} are not roles of this run"
+                                if unknown else f"offload: {bad}: expected one of {OFFLOAD_KINDS}")
+        # id(role) -> (weights, training state) released while the role is idle
+        self.offload_parts = {}
+        for r in self.roles:
+            kind = "all" if cfg.offload else (offload_roles or {}).get(r.name)
+            if kind:
+                self.offload_parts[id(r)] = (True, kind == "all")
+        self.offload = bool(self.offload_parts)
         self.memory = {id(r): RoleMemory(r.model, r.optimizer) for r in self.roles}
         self.peak_bytes = 0  # the most bytes the roles held at once (phase boundaries)
         n = cfg.sample_per_episode
@@ -570,22 +584,25 @@ class RLHFTrainer:
         return Role(name, args, arch, model, vocab, optimizer, scheduler, self.vocab_limit, key,
                     scalar_head=head)
 
-    # -- offloading: with ``offload`` only the role at work keeps its storages on the device
+    # -- offloading: the roles that offload keep their storages on the device only while at work
 
     def _resident(self, *roles: Role, training: bool = False) -> None:
         """Before a phase: ``roles`` keep their weights (and, with ``training``, gradients and
-        optimizer state) on the device, every other role goes to host memory. Also tracks the
-        bytes held at once (``resident_mb_max``)."""
+        optimizer state) on the device; every other role that offloads puts what it offloads
+        (``offload_parts``) in host memory, and so does a role at work that is not training with
+        its training state. Also tracks the bytes held at once (``resident_mb_max``)."""
         if self.offload:
             keep = {id(r) for r in roles}
             for r in self.roles:
-                if id(r) not in keep:
-                    self.memory[id(r)].offload()
+                parts = self.offload_parts.get(id(r))
+                if parts and id(r) not in keep:
+                    self.memory[id(r)].offload(weights=parts[0], training=parts[1])
             for r in roles:
                 mem = self.memory[id(r)]
                 mem.onload(training=training)
-                if not training:
-                    mem.offload(weights=False)
+                parts = self.offload_parts.get(id(r))
+                if not training and parts and parts[1]:
+                    mem.offload(weights=False, training=True)
             self.peak_bytes = max(self.peak_bytes, sum(m.nbytes() for m in self.memory.values()))
 
     # -- the rows of an episode: every rank holds all of them; a role's replica takes its share
@@ -978,7 +995,8 @@ def load_reward_function(spec: str) -> Callable:
 def run(cfg: PPOConfig, policy_args, reward_args, value_args, prompts: List[str],
         save: Optional[str], log_dir: Optional[str], tensorboard_dir: Optional[str] = None,
         reference_args=None, eval_prompts: Optional[List[str]] = None,
-        generation_args=None, value_forward_args=None) -> List[dict]:
+        generation_args=None, value_forward_args=None,
+        offload_roles: Optional[Dict[str, str]] = None) -> List[dict]:
     """Train ``cfg.num_episodes`` episodes (resuming from ``save``'s rlhf_state.json when there
     is one); ``save``: the folder of rlhf_state.json, and of the trainable roles that have no
     ``save`` argument of their own (``save/policy``, ``save/value``).
@@ -993,7 +1011,7 @@ def run(cfg: PPOConfig, policy_args, reward_args, value_args, prompts: List[str]
         raise ArgumentError("held-out evaluation needs both the eval prompts and "
                             "eval_episode_interval")
     trainer = RLHFTrainer(cfg, policy_args, reward_args, value_args, reference_args,
-                          generation_args, value_forward_args)
+                          generation_args, value_forward_args, offload_roles)
     dataset = PromptDataset(prompts, trainer.tokenizer, cfg.max_prompt_length)
     eval_dataset = None
     if eval_prompts:
@@ -1041,6 +1059,10 @@ def build_cli() -> argparse.ArgumentParser:
     p.add_argument("--layout", action="append", default=[], metavar="ROLE=TPxPP",
                    help="another TP x PP for one role (generation, reference, reward, value; "
                         "e.g. reward=1x1); default: the policy's --tensor/--pipeline sizes")
+    p.add_argument("--offload-role", action="append", default=[], metavar="ROLE=weights|all",
+                   help="what of one role goes to host memory while it is idle (roles policy, "
+                        "generation, reference, reward, value, value_forward); --offload true: "
+                        "all of every role")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--value-lr", type=float, default=None)
     p.add_argument("--bf16", action="store_true")
@@ -1063,6 +1085,7 @@ def build_cli() -> argparse.ArgumentParser:
 
 
 LAYOUT_ROLES = ("generation", "reference", "reward", "value", "value_forward")
+OFFLOAD_KINDS = ("weights", "all")
 
 
 def parse_layouts(items: List[str]) -> Dict[str, tuple]:
@@ -1076,6 +1099,18 @@ def parse_layouts(items: List[str]) -> Dict[str, tuple]:
             raise ArgumentError(f"--layout {item!r}: expected ROLE=TPxPP with ROLE one of "
                                 f"{', '.join(LAYOUT_ROLES)} (e.g. reward=1x1)")
         out[role] = (int(parts[0]), int(parts[1]) if len(parts) == 2 else 1)
+    return out
+
+
+def parse_offload_roles(items: List[str]) -> Dict[str, str]:
+    """``ROLE=weights|all`` flags -> {role: kind}; ArgumentError when malformed."""
+    out = {}
+    for item in items:
+        role, _, kind = item.partition("=")
+        if role not in ("policy",) + LAYOUT_ROLES or kind not in OFFLOAD_KINDS:
+            raise ArgumentError(f"--offload-role {item!r}: expected ROLE=weights or ROLE=all with "
+                                f"ROLE one of policy, {', '.join(LAYOUT_ROLES)}")
+        out[role] = kind
     return out
 
 
@@ -1120,7 +1155,7 @@ def main(argv: Optional[list] = None) -> int:
         run(cfg, role_args(cli.policy, cli, cli.lr), reward, value, cli.prompts, cli.save,
             cli.log_dir, cli.tensorboard_dir, reference_args=reference,
             eval_prompts=cli.eval_prompts, generation_args=generation,
-            value_forward_args=value_forward)
+            value_forward_args=value_forward, offload_roles=parse_offload_roles(cli.offload_role))
 
     return run_entry(body)
 
