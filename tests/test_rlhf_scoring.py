@@ -138,3 +138,19 @@ def test_selection_off_where_it_would_be_wrong(lm):
             assert not on
     finally:
         lm.model.post_process = True
+
+
+def test_a_batch_without_response_tokens(lm):
+    """Every response empty (EOS first): no selected position; zeros, and a backward still runs."""
+    from megatron_patch.rlhf.trainer import _token_logprobs
+
+    model = lm.model
+    model.train()
+    tokens, mask, pos = _batch(lm.vocab_size, seed=2)
+    empty = torch.zeros_like(mask)
+    model.zero_grad()
+    nll, ent = _token_logprobs(model, tokens, pos, "grad", lm.vocab_size, empty)
+    assert nll.shape == ent.shape == mask.shape and not nll.any() and not ent.any()
+    (nll.sum() + ent.sum()).backward()
+    assert not model.output_layer.weight.grad.any()
+    model.eval()
