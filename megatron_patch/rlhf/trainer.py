@@ -33,8 +33,8 @@ Per-role layouts: each role has its own TP/PP (``megatron_patch.rlhf.layouts``: 
 every process, world / (TP x PP) data-parallel replicas each). Every rank holds all the samples
 of an episode; a role's replicas take equal shares for their forwards (outputs gathered back) and
 for each mini-batch of training. The policy's inference twin (``generation_args``) in another
-layout is a second copy that receives the trained weights, resharded through a torch_dist
-checkpoint, after every episode; in the same layout the policy generates itself. Likewise the
+layout is a second copy that receives the trained weights, resharded in memory by megatron-core's
+refit (``resharding.swap_model_weights``), after every episode; in the same layout the policy generates itself. Likewise the
 value model's inference twin (``value_forward_args``), which computes the values of an episode.
 
 Settings: ``PPOConfig`` (defaults: the YAML schema of ``megatron_patch.rlhf.config``), built from
@@ -744,9 +744,19 @@ class RLHFTrainer:
         return time.time() - t0
 
     def _reshard(self, src: Role, dst: Role) -> None:
-        """``dst`` gets ``src``'s weights through a torch_dist checkpoint in a temporary folder
-        (megatron-core's dist_checkpointing does the resharding between their layouts)."""
+        """``dst`` gets ``src``'s weights in its own layout. One model chunk each: in memory, by
+        megatron-core's refit (``resharding.swap_model_weights``: a plan of TP slices and
+        point-to-point copies between the two layouts' ranks, built once and cached on the
+        destination; NCCL on GPUs, gloo on a CPU). Virtual pipeline chunks: through a torch_dist
+        checkpoint in a temporary folder (``dist_checkpointing`` reshards)."""
         self._resident(src, dst)
+        if len(src.model) == 1 and len(dst.model) == 1:
+            from megatron.core.resharding.refit import swap_model_weights
+
+            with torch.no_grad():
+                swap_model_weights(src.model[0], dst.model[0],
+                                   "nccl" if platform.use_cuda() else "gloo")
+            return
         tmp = [tempfile.mkdtemp(prefix="rlhf_sync_") if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(tmp, src=0)
         try:
