@@ -15,7 +15,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests.workers.convert_cases import CASES, build_hf  # noqa: E402
+from tests.workers.convert_cases import load_converted  # noqa: E402
 
 CASES_RUN = ["llama", "llama_mqa_tied", "mistral", "glm", "galactica", "falcon_40b", "falcon_rw"]
 
@@ -27,17 +27,8 @@ def work(tmp_path_factory):
 
 def _pair(work, case, flash):
     import megatron_patch  # noqa: F401
-    from megatron_patch.convert.engine import hf_to_megatron
-    from megatron_patch.generation.loader import load_for_generation
 
-    cfg, _ = CASES[case]
-    hf_dir, mg_dir = str(work / f"{case}_hf"), str(work / f"{case}_mg")
-    if not os.path.isdir(mg_dir):
-        build_hf(cfg, hf_dir)
-        hf_to_megatron(hf_dir, mg_dir, tp=1, log=lambda *a: None)
-    fast = load_for_generation(mg_dir, flash=flash, log=lambda *a: None)
-    ref = load_for_generation(mg_dir, flash=flash, log=lambda *a: None, inference=False)
-    return fast, ref
+    return (load_converted(work, case, flash), load_converted(work, case, flash, inference=False))
 
 
 def _prompts(vocab, lens=(3, 9, 5, 12), seed=0):

@@ -17,21 +17,14 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests.workers.convert_cases import CASES, build_hf  # noqa: E402
+from tests.workers.convert_cases import load_converted  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     import megatron_patch  # noqa: F401
-    from megatron_patch.convert.engine import hf_to_megatron
-    from megatron_patch.generation.loader import load_for_generation
 
-    work = tmp_path_factory.mktemp("rlhf_scoring")
-    cfg, _ = CASES["llama"]
-    hf_dir, mg_dir = str(work / "hf"), str(work / "mg")
-    build_hf(cfg, hf_dir)
-    hf_to_megatron(hf_dir, mg_dir, tp=1, log=lambda *a: None)
-    return load_for_generation(mg_dir, flash=False, log=lambda *a: None)
+    return load_converted(tmp_path_factory.mktemp("rlhf_scoring"), "llama")
 
 
 def _token_logprobs(*a):

@@ -84,3 +84,18 @@ def build_hf(hf_config: dict, out_dir: str, seed: int = 0, attn: str = "eager"):
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     return model
+
+
+def load_converted(work: str, case: str, flash: bool = False, inference: bool = True):
+    """``case``'s HF model converted (tp=1) into ``work`` once, loaded for generation in this
+    process (``generation.loader.load_for_generation``; ``inference``: with the inference-only
+    modules)."""
+    from megatron_patch.convert.engine import hf_to_megatron
+    from megatron_patch.generation.loader import load_for_generation
+
+    cfg, _ = CASES[case]
+    hf_dir, mg_dir = os.path.join(str(work), f"{case}_hf"), os.path.join(str(work), f"{case}_mg")
+    if not os.path.isdir(mg_dir):
+        build_hf(cfg, hf_dir)
+        hf_to_megatron(hf_dir, mg_dir, tp=1, log=lambda *a: None)
+    return load_for_generation(mg_dir, flash=flash, log=lambda *a: None, inference=inference)
