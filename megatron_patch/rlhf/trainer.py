@@ -721,7 +721,8 @@ class RLHFTrainer:
                                         greedy=temperature == 0, top_k=cfg.top_k, top_p=cfg.top_p,
                                         repetition_penalty=cfg.repetition_penalty,
                                         stop_token_ids=[self.eos],
-                                        seed=cfg.seed * 100003 + episode_seed * 1009 + i)
+                                        seed=cfg.seed * 100003 + episode_seed * 1009 + i,
+                                        return_logprobs=False)  # (the scoring forward's are used)
                 out = generate(g.model[0], chunk, params, pad_id=self.pad,
                                vocab_size=self.vocab_limit)
                 for j in range(len(chunk)):
