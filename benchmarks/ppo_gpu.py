@@ -102,7 +102,8 @@ def child_ppo(a, paths: dict, offload: bool) -> dict:
 
     n = a.samples
     cfg = T.PPOConfig(algorithm="ppo", num_episodes=a.warmup + a.episodes, sample_per_episode=n,
-                      generation_batch_size=a.generation_batch, train_micro_batch_size=a.micro_batch,
+                      generation_batch_size=a.generation_batch,
+                      train_micro_batch_size=a.micro_batch,
                       train_global_batch_size=n, num_training_epoch=a.ppo_epochs,
                       max_new_tokens=a.new_tokens, max_prompt_length=a.max_prompt_length,
                       init_kl_coef=0.05, offload=offload)

@@ -245,16 +245,13 @@ def prepare(path: str, world_size: int, warn: Callable[[str], None],
         trainer_args["value_forward"] = argparse.Namespace(**vars(twins["reward_forward"]))
     # per-model offloading (ChatLearn's free_memory / offload_weights) -> trainer roles; a twin
     # that is its trained role itself adds its setting to that role's
-    where_to = {"ppo_policy": "policy", "reference": "reference", "reward_ref": "reward",
-                "reward_train": "value",
-                "policy": "generation" if "generation" in trainer_args else "policy",
-                "reward_forward": "value_forward" if "value_forward" in trainer_args else "value"}
+    where_to = dict(ROLE_ARGS, policy="generation" if "generation" in trainer_args else "policy",
+                    reward_forward="value_forward" if "value_forward" in trainer_args else "value")
     offload: Dict[str, str] = {}
     for n, r in models.items():
         kind = "all" if r.free_memory else "weights" if r.offload_weights else None
         target = where_to.get(n)
-        if kind and target and not (ppo.algorithm == "grpo" and n in ("reward_train",
-                                                                       "reward_forward")):
+        if kind and target in trainer_args:  # (no value roles with grpo)
             offload[target] = "all" if "all" in (kind, offload.get(target)) else kind
     return Plan(cfg, ppo, trainer_args, offload, prompts, eval_prompts, root,
                 os.path.abspath(pa.log_dir or os.path.join(root, "log")),

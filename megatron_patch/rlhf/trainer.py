@@ -34,8 +34,9 @@ every process, world / (TP x PP) data-parallel replicas each). Every rank holds 
 of an episode; a role's replicas take equal shares for their forwards (outputs gathered back) and
 for each mini-batch of training. The policy's inference twin (``generation_args``) in another
 layout is a second copy that receives the trained weights, resharded in memory by megatron-core's
-refit (``resharding.swap_model_weights``), after every episode; in the same layout the policy generates itself. Likewise the
-value model's inference twin (``value_forward_args``), which computes the values of an episode.
+refit (``resharding.swap_model_weights``), after every episode; in the same layout the policy
+generates itself. Likewise the value model's inference twin (``value_forward_args``), which
+computes the values of an episode.
 
 Settings: ``PPOConfig`` (defaults: the YAML schema of ``megatron_patch.rlhf.config``), built from
 a YAML folder by ``ppo_config_from``; ``python -m megatron_patch.rlhf.run RLHF_YAML`` runs one,
@@ -310,11 +311,10 @@ def _token_logprobs(model, tokens, position_ids, entropy: Optional[str] = None,
     ent = None
     if entropy is not None:
         group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
-        if where is not None:  # every selected position is a mask position
+        if mask is not None and where is None:
+            keep = mask > 0
+        else:  # every position (every selected one is a mask position)
             keep = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
-        else:
-            keep = (mask > 0) if mask is not None else torch.ones(
-                logits.shape[:2], dtype=torch.bool, device=logits.device)
         ent = torch.zeros(logits.shape[:2], dtype=torch.float32, device=logits.device)
         if entropy == "grad":
             ent = ent.index_put((keep,), L.vocab_parallel_entropy(logits[keep], group))
@@ -526,6 +526,8 @@ class RLHFTrainer:
         self.offload = bool(self.offload_parts)
         self.memory = {id(r): RoleMemory(r.model, r.optimizer) for r in self.roles}
         self.peak_bytes = 0  # the most bytes the roles held at once (phase boundaries)
+        self._sized = 0  # episodes whose role sizes were measured (constant after the second)
+        self._roles_bytes = 0
         n = cfg.sample_per_episode
         for r in roles:  # every role takes an equal share of the episode's samples per replica
             if n % r.dp or (r.pp > 1 and (n // r.dp) % cfg.train_micro_batch_size):
@@ -929,8 +931,8 @@ class RLHFTrainer:
         if self.generator is not self.policy or self.value_scorer is not self.value:
             metrics["time_weight_sync_s"] = self.sync_twins()
         metrics["tokens_per_s"] = float(exp["response_length"].sum()) / max(time.time() - t0, 1e-9)
-        self._sized = getattr(self, "_sized", 0) + 1
-        if self._sized <= 2 or self.offload:  # constant once the optimizer state exists
+        if self._sized < 2:  # constant once the optimizer state exists
+            self._sized += 1
             self._roles_bytes = sum(m.total_bytes() for m in self.memory.values())
         roles_bytes = self._roles_bytes
         # without offloading every role holds all of its storages all the time
