@@ -23,19 +23,14 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+from megatron.core.utils import unwrap_model
 
 _ATTR = "_mp_logit_positions"
 
 
-def _owner(model):
-    while hasattr(model, "module"):  # DDP, Float16Module
-        model = model.module
-    return model
-
-
 def supported(model) -> bool:
     """Whether ``logits_at`` can select on this model (stage)."""
-    m = _owner(model)
+    m = unwrap_model(model)
     cfg = getattr(m, "config", None)
     out = getattr(m, "output_layer", None)
     return (getattr(m, "post_process", False) and out is not None and cfg is not None
@@ -60,7 +55,7 @@ def logits_at(model, rows: torch.Tensor, cols: torch.Tensor) -> Iterator[bool]:
     if not supported(model):
         yield False
         return
-    decoder = _owner(model).decoder
+    decoder = unwrap_model(model).decoder
     if not hasattr(decoder, "_mp_logit_hook"):
         decoder._mp_logit_hook = decoder.register_forward_hook(_select)
     setattr(decoder, _ATTR, (rows.to(torch.long), cols.to(torch.long)))
