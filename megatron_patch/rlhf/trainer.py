@@ -272,7 +272,8 @@ def _token_logprobs(model, tokens, position_ids, entropy: Optional[str] = None,
     """The negative log-likelihood -log p(tokens[:, t+1] | tokens[:, :t+1]) per position, [b, s]
     on the last stage (hidden states for the next stage on the others): megatron-core's
     vocab-parallel cross entropy over the tensor-parallel ranks (at TP=1, torch's cross entropy:
-    the same function, 4x cheaper on CPU). The last column scores the wrapped-around first token
+    the same function, 4x cheaper on CPU; with ``entropy``, its log-softmax, shared with the
+    entropy). The last column scores the wrapped-around first token
     and is never in a response mask.
 
     With ``mask`` ([b, s], the response positions) the output layer and the softmax run at the
@@ -309,24 +310,32 @@ def _token_logprobs(model, tokens, position_ids, entropy: Optional[str] = None,
         # in place on the padding columns only (their gradient becomes 0): exp() -> exactly 0
         logits[..., max(vocab_limit - start, 0):] = torch.finfo(logits.dtype).min
     ent = None
-    if entropy is not None:
-        group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
-        if mask is not None and where is None:
-            keep = mask > 0
-        else:  # every position (every selected one is a mask position)
-            keep = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
-        ent = torch.zeros(logits.shape[:2], dtype=torch.float32, device=logits.device)
-        if entropy == "grad":
-            ent = ent.index_put((keep,), L.vocab_parallel_entropy(logits[keep], group))
-        else:
-            with torch.no_grad():
-                ent[keep] = L.vocab_parallel_entropy(logits.detach()[keep], group)
-    if tp == 1:
+    if tp == 1 and entropy is None:
         nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
                                                 reduction="none").view(labels.shape)
+    elif tp == 1:
+        # one log-softmax for both: the NLL is cross_entropy's (its log_softmax, then the pick);
+        # the entropy is -sum_v p_v log p_v (a padding column adds exp(min) = 0 x a finite log p)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        nll = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy == "grad"):
+            ent = -(logp.exp() * logp).sum(-1)  # [b, s] or [1, N]
+        if mask is not None and where is None:
+            ent = ent * (mask > 0)
     else:
-        if entropy == "grad":
-            logits = logits.clone()  # the vocab-parallel cross entropy works in place
+        group = parallel_state.get_tensor_model_parallel_group()
+        if entropy is not None:
+            if mask is not None and where is None:
+                keep = mask > 0
+            else:  # every position (every selected one is a mask position)
+                keep = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+            ent = torch.zeros(logits.shape[:2], dtype=torch.float32, device=logits.device)
+            if entropy == "grad":
+                ent = ent.index_put((keep,), L.vocab_parallel_entropy(logits[keep], group))
+                logits = logits.clone()  # the vocab-parallel cross entropy works in place
+            else:
+                with torch.no_grad():
+                    ent[keep] = L.vocab_parallel_entropy(logits.detach()[keep], group)
         nll = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)  # [b, s] or [1, N]
     if where is not None:  # back to [b, s], 0 off the mask (differentiable in the values)
         nll = nll.new_zeros(shape).index_put(where, nll[0])
@@ -362,12 +371,18 @@ def _run(role: Role, exp: Dict[str, torch.Tensor], index: torch.Tensor, forward_
               forward_only=forward_only)
 
 
-def collect(role: Role, exp, key_out: str, micro: int, seq: int, transform=None) -> None:
+def collect(role: Role, exp, key_out: str, micro: int, seq: int, transform=None,
+            entropy_out: Optional[str] = None) -> None:
     """exp[key_out] = the role's per-position output over the whole batch [rows, seq] (last stage;
-    zeros on the others, and in the padding columns that ``_run`` leaves out)."""
-    got = []
+    zeros on the others, and in the padding columns that ``_run`` leaves out). With
+    ``entropy_out`` (a policy): also exp[entropy_out], the token entropy at the mask's positions
+    from the same forward (``_token_logprobs``)."""
+    got, ents = [], []
 
     def keep(batch, out):
+        if entropy_out is not None:
+            out, ent = out
+            ents.append(ent.detach().float())
         o = out.detach().float()
         got.append(transform(o) if transform else o)
         return out.sum() * 0, torch.tensor(1, dtype=torch.int, device=out.device), {}
@@ -377,14 +392,18 @@ def collect(role: Role, exp, key_out: str, micro: int, seq: int, transform=None)
         if m.training:  # (a frozen role stays in eval mode: Module.train visits every submodule)
             m.eval()
     with torch.no_grad():
-        _run(role, exp, torch.arange(exp["tokens"].shape[0]), True, keep, micro, seq)
+        _run(role, exp, torch.arange(exp["tokens"].shape[0]), True, keep, micro, seq,
+             None if entropy_out is None else "metric")
     for m, mode in zip(role.model, modes):
         if mode:
             m.train()
-    exp[key_out] = torch.zeros(exp["tokens"].shape, dtype=torch.float32)
-    if got:
-        out = torch.cat(got).cpu()
-        exp[key_out][:, :out.shape[1]] = out
+    for key, parts in ((key_out, got), (entropy_out, ents)):
+        if key is None:
+            continue
+        exp[key] = torch.zeros(exp["tokens"].shape, dtype=torch.float32)
+        if parts:
+            out = torch.cat(parts).cpu()
+            exp[key][:, :out.shape[1]] = out
 
 
 # ------------------------------------------------------------------------------------ trainer
@@ -629,15 +648,19 @@ class RLHFTrainer:
             t = torch.cat(parts)
         return t.cpu()
 
-    def _collect(self, role: Role, exp, key_out: str, transform=None) -> None:
-        """exp[key_out] = the role's per-position output for every row (its replicas score equal
-        shares, then the outputs are gathered)."""
+    def _collect(self, role: Role, exp, key_out: str, transform=None,
+                 entropy_out: Optional[str] = None) -> None:
+        """exp[key_out] (and exp[entropy_out]: ``collect``) = the role's per-position output for
+        every row (its replicas score equal shares, then the outputs are gathered)."""
         n = exp["tokens"].shape[0]
         mine = {k: exp[k][self._share(role, n)] for k in ("tokens", "position_ids", "mask")}
         self._resident(role)
         with self.layouts.use(role.layout):
-            collect(role, mine, key_out, self.cfg.train_micro_batch_size, self.seq, transform)
-            exp[key_out] = self._gather_rows(role, mine[key_out])
+            collect(role, mine, key_out, self.cfg.train_micro_batch_size, self.seq, transform,
+                    entropy_out)
+            for key in (key_out, entropy_out):
+                if key is not None:
+                    exp[key] = self._gather_rows(role, mine[key])
 
     # -- experience
 
@@ -681,7 +704,9 @@ class RLHFTrainer:
                "position_ids": torch.arange(self.seq).expand(len(rows), -1).clone()}
         t_gen = time.time()
         neg = (lambda o: -o)
-        self._collect(self.policy, exp, "old_logprobs", neg)
+        # the policy's token entropy on its own samples (reported) comes from the same forward
+        self._collect(self.policy, exp, "old_logprobs", neg,
+                      None if evaluation else "entropy")
         self._collect(self.reference, exp, "ref_logprobs", neg)
         if self.value is not None and not evaluation:
             self._collect(self.value_scorer, exp, "values")
@@ -837,7 +862,9 @@ class RLHFTrainer:
 
     def _policy_loss(self, batch, out):
         cfg = self.cfg
-        out, entropy = out  # nll and entropy per position (_token_logprobs with entropy)
+        entropy = None
+        if cfg.entropy_coef:  # nll and entropy per position (_token_logprobs with "grad")
+            out, entropy = out
         logprobs = -out
         kind = self.loss_kl_kind
         if cfg.algorithm == "grpo" and kind == "k3":
@@ -853,10 +880,8 @@ class RLHFTrainer:
         else:
             loss, n, st = L.ppo_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"],
                                             batch["mask"], cfg.clip_range)
-        ent_sum = L.masked_sum(entropy, batch["mask"])
-        if cfg.entropy_coef:  # the bonus: maximise the entropy of the response tokens
-            loss = loss - cfg.entropy_coef * ent_sum
-        st = dict(st, entropy_sum=ent_sum.detach())
+        if entropy is not None:  # the bonus: maximise the entropy of the response tokens
+            loss = loss - cfg.entropy_coef * L.masked_sum(entropy, batch["mask"])
         rep = {"policy_loss": torch.stack([loss.detach(), n.float()])}
         rep.update({k.replace("_sum", ""): torch.stack([v.detach().float(), n.float()])
                     for k, v in st.items()})
@@ -872,9 +897,8 @@ class RLHFTrainer:
 
     def train_role(self, role: Role, exp, loss_fn, order: torch.Tensor) -> Dict[str, float]:
         cfg = self.cfg
-        entropy = None
-        if role is self.policy:  # the entropy is reported; with entropy_coef it is in the loss
-            entropy = "grad" if cfg.entropy_coef else "metric"
+        # the entropy bonus; the reported entropy is the rollout's (make_experience)
+        entropy = "grad" if role is self.policy and cfg.entropy_coef else None
         gbs = cfg.train_global_batch_size
         per_rank = gbs // role.dp
         totals: Dict[str, torch.Tensor] = {}
@@ -916,7 +940,9 @@ class RLHFTrainer:
                    "reward_mean": exp["score"].mean().item(),
                    "reward_std": exp["score"].std(unbiased=False).item(),
                    "response_length": exp["response_length"].mean().item(),
-                   "ended": exp["ended"].mean().item(), "kl": stats["kl"]}
+                   "ended": exp["ended"].mean().item(), "kl": stats["kl"],
+                   "entropy": (L.masked_sum(exp["entropy"], exp["mask"])
+                               / exp["mask"].sum().clamp(min=1)).item()}
         g = torch.Generator().manual_seed(cfg.seed + self.episode)
         for _ in range(cfg.num_training_epoch):
             order = torch.randperm(len(prompts), generator=g)
