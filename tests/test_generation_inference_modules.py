@@ -177,3 +177,44 @@ def test_no_grad_scoring_forward_equals_megatron_core(work, case):
     a = generate(fast.model, prompt, params, vocab_size=fast.vocab_size)
     r = generate(ref.model, prompt, params, vocab_size=ref.vocab_size)
     assert torch.equal(a.tokens, r.tokens) and torch.equal(a.logprobs, r.logprobs)
+
+
+def test_gated_mlp_split_only_where_bitwise(work, monkeypatch):
+    """InferenceMLP runs gate and up as two GEMMs only for an FFN width that is a multiple of
+    SPLIT_MULTIPLE (128 here: the split route), where the activation rounds as on the fused
+    output's strided gate half; other widths (200: torch's CPU silu rounds a row's remainder past
+    the last pair of SIMD vectors differently) take megatron-core's fused GEMM. Both give
+    megatron-core's MLP output bit for bit."""
+    from megatron.core.transformer.mlp import MLP
+
+    from megatron_patch.models.common.inference import SPLIT_MULTIPLE, InferenceMLP
+
+    fast, _ = _pair(work, "llama", False)
+    base = fast.model.decoder.layers[0].mlp
+    assert type(base) is InferenceMLP
+    h = base.linear_fc1.input_size
+    fused_calls = []
+    real = MLP.forward
+    monkeypatch.setattr(MLP, "forward", lambda self, *a, **k: fused_calls.append(1) or
+                        real(self, *a, **k))
+    g = torch.Generator().manual_seed(13)
+    fc1, fc2 = base.linear_fc1, base.linear_fc2  # resized here, restored after
+    keep = {"fc1": (fc1.weight, fc1.output_size_per_partition, fc1.output_size),
+            "fc2": (fc2.weight, fc2.input_size_per_partition, fc2.input_size)}
+    try:
+        for f, split in ((2 * SPLIT_MULTIPLE, True), (200, False)):
+            fc1.weight = torch.nn.Parameter(torch.randn(2 * f, h, generator=g))
+            fc1.output_size_per_partition = fc1.output_size = 2 * f
+            fc2.weight = torch.nn.Parameter(torch.randn(h, f, generator=g))
+            fc2.input_size_per_partition = fc2.input_size = f
+            for s, b in ((1, 8), (30, 4)):
+                x = torch.randn(s, b, h, generator=g) * 3
+                fused_calls.clear()
+                with torch.no_grad():
+                    got = base(x)[0]
+                    want = real(base, x)[0]  # megatron-core's MLP.forward on the same module
+                assert torch.equal(got, want), (f, s, b, (got - want).abs().max())
+                assert (len(fused_calls) == 0) == split, (f, fused_calls)
+    finally:
+        fc1.weight, fc1.output_size_per_partition, fc1.output_size = keep["fc1"]
+        fc2.weight, fc2.input_size_per_partition, fc2.input_size = keep["fc2"]

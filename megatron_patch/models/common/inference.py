@@ -27,7 +27,8 @@ What megatron-core 0.16 lacks:
   autograd these layers do the same ``torch.matmul(x, w.t())`` (+ bias) and the same TP all-reduce /
   all-gather directly (a few Python calls instead of ~15 per GEMM); the output layer too, and the
   word embedding at TP = 1 (``InferenceVocabParallelEmbedding``).
-- ``InferenceMLP``: on a CPU, the gated unit's gate and up GEMMs run separately (its docstring).
+- ``InferenceMLP``: on a CPU, the gated unit's gate and up GEMMs run separately where that is
+  bitwise the fused GEMM's result (its docstring).
 """
 from __future__ import annotations
 
@@ -247,21 +248,30 @@ class RotatedKVSelfAttention(SelfAttention):
         return self.linear_proj(core_attn_out)  # ([sq, b, h], bias)
 
 
+SPLIT_MULTIPLE = 64  # InferenceMLP splits an FFN width (per TP rank) that is a multiple of this
+
+
 class InferenceMLP(MLP):
     """megatron-core's ``MLP`` whose no-grad forward on a CPU runs the gated unit's two GEMMs
     separately: ``linear_fc1``'s weight is ``[gate; up]`` (each TP rank's own halves), so the two
     are views, and at a few rows two ``[n, h] x [h, f]`` GEMMs take less time in MKL than one
-    ``[n, h] x [h, 2f]`` (~7% less at 8 rows, 640 x 1728). Each output element is the same dot
-    product, and the activation is ``glu``'s ``act(gate) * (up + offset)``, so the result is
-    unchanged (tested bitwise); on a GPU, where GEMM kernels are chosen by shape, the fused GEMM is
-    kept."""
+    ``[n, h] x [h, 2f]`` (~5% of a 100M LLaMA's decode step at 8 rows, 640 x 1728). Each GEMM
+    output element is the same dot product, and the activation is ``glu``'s
+    ``act(gate) * (up + offset)``. The activation itself is bitwise the same only when ``f`` is a
+    multiple of 64 (``SPLIT_MULTIPLE``): torch's CPU elementwise kernels run a row in chunks of two
+    SIMD vectors (32 floats with AVX-512) and its remainder element by element, and ``silu``
+    rounds differently on the two paths; a row of the fused output's gate half (a strided view)
+    has a remainder where the contiguous gate, one long row, has none (f = 176: log-probs 4.8e-7
+    apart; f = 128, 1728: equal; tested). Other widths keep the fused GEMM, as does a GPU, where
+    GEMM kernels are chosen by shape."""
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
         fc1, cfg = self.linear_fc1, self.config
         if (per_token_scale is not None or hidden_states.device.type != "cpu"
                 or not cfg.gated_linear_unit or cfg.use_te_activation_func
                 or cfg.bias_activation_fusion or not isinstance(fc1, InferenceColumnParallelLinear)
-                or fc1.gather_output or not fc1.fast(fc1.weight)):
+                or fc1.gather_output or not fc1.fast(fc1.weight)
+                or fc1.weight.size(0) % (2 * SPLIT_MULTIPLE)):
             return super().forward(hidden_states, per_token_scale=per_token_scale, **kwargs)
         f = fc1.weight.size(0) // 2
         hidden_states = hidden_states.view_as(hidden_states)  # as linear_fc1 takes it (its forward)
