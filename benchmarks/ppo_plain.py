@@ -17,20 +17,22 @@ weight decay 0.01) for policy and value, ``clip_grad_norm_`` to 1.0.
 
 One step: left-pad the prompts; ``policy.generate`` (pure sampling, KV cache, seeded with
 ``seed + step``); rows stay left-padded, the attention mask drops the padding and the tokens after
-the first EOS, position ids count the attended tokens. Under ``no_grad``: old and reference
-log-probs (``log_softmax`` + ``gather``; logits only at the response positions, through
+the first EOS, position ids count the attended tokens. Under ``no_grad``: old (PPO) and
+reference log-probs (``log_softmax`` + ``gather``; logits only at the response positions, through
 ``logits_to_keep``), values (PPO) at the positions predicting each response token, the reward
 score at the last response token. PPO: per-token reward -kl_coef * (old - ref) plus the score at
 the last token, GAE, masked whitening of the advantages. GRPO: (score - group mean) /
 (group std + 1e-6) at every response token, kl_coef x k3 KL to the reference in the loss. Then
 ``ppo_epochs`` x (policy: clipped surrogate, masked token mean, backward, clip, step; PPO: value,
-clipped value loss 0.5 max(unclipped, clipped), masked mean, backward, clip, step).
+clipped value loss 0.5 max(unclipped, clipped), masked mean, backward, clip, step). GRPO's old
+log-probs are those of its first training forward, detached (one mini-batch: it runs the weights
+that sampled), as in our trainer (``RLHFTrainer.old_from_training``).
 
 What differs from our trainer: Megatron's model (its unfused core attention unless
 ``--use-flash-attn``, the vocabulary padded to 1024, rows right-padded), its sampler (inverse CDF)
 and optimizer (Megatron's Adam with its grad-norm clipping); our trainer also computes the
-policy's entropy (a metric) in each training forward and permutes the rows every epoch (one
-mini-batch: the same rows); here the reward and value heads start random, not from a checkpoint.
+policy's token entropy (a metric, in its scoring forward, or GRPO's first training forward) and
+permutes the rows every epoch (one mini-batch: the same rows); here the reward and value heads start random, not from a checkpoint.
 """
 from __future__ import annotations
 
@@ -128,7 +130,10 @@ class PlainStep:
             pos = (attn.cumsum(1) - 1).clamp_min(0)
             mask = keep.float()
             length = keep.sum(1)
-            old = token_logprobs(self.policy, ids, attn, pos, width)
+            # GRPO, one mini-batch: the first training forward gives the old log-probs (as
+            # RLHFTrainer.old_from_training); PPO needs them now (the KL penalty in the rewards)
+            old = None if self.value is None else token_logprobs(self.policy, ids, attn, pos,
+                                                                 width)
             ref = token_logprobs(self.reference, ids, attn, pos, width)
             score = self.reward(ids, attn, pos)[torch.arange(b), p + length - 1]
             if self.value is None:
@@ -152,6 +157,8 @@ class PlainStep:
                 advantages = (raw - mean) * torch.rsqrt(var + 1e-8) * mask
         for _ in range(self.ppo_epochs):
             logp = token_logprobs(self.policy, ids, attn, pos, width)
+            if old is None:
+                old = logp.detach()
             ratio = torch.exp(logp - old)
             loss = torch.maximum(-advantages * ratio,
                                  -advantages * ratio.clamp(1 - self.clip, 1 + self.clip))

@@ -42,12 +42,16 @@ def ws(tmp_path_factory):
     return dict(tmp=tmp, prompts=prompts, init=init)
 
 
-def rlhf(ws, name, nproc, *flags):
+def rlhf(ws, name, nproc, *flags, outputs=None):
+    """The run's per-episode metrics; ``outputs`` (a list) gets each rank's output."""
     log = os.path.join(ws["tmp"], name, "log")
     env = {"PYTHONPATH": os.path.join(HERE, "workers") + os.pathsep +
            os.environ.get("PYTHONPATH", "")}
-    launch_local(["-m", "megatron_patch.rlhf.trainer", "--policy", ws["init"], "--prompts",
-                  ws["prompts"], "--log-dir", log, *COMMON, *flags], nproc, timeout=900, env=env)
+    logs = launch_local(["-m", "megatron_patch.rlhf.trainer", "--policy", ws["init"], "--prompts",
+                         ws["prompts"], "--log-dir", log, *COMMON, *flags], nproc, timeout=900,
+                        env=env)
+    if outputs is not None:
+        outputs.extend(logs)
     out = {}
     with open(os.path.join(log, "metrics.jsonl")) as f:
         for line in f:
@@ -89,6 +93,35 @@ def test_grpo_raises_the_reward(ws):
                     *LEARN, "--init-kl-coef", "0.1")
     assert all("value_loss" not in e for e in episodes)
     _learns(episodes, "GRPO")
+
+
+def test_grpo_old_logprobs_from_the_first_training_step(ws):
+    """GRPO with the episode in one mini-batch: the old log-probs come from the first training
+    forward (no scoring forward of the policy). The same episodes as with the scoring forward
+    (recompute_old_logprobs), to the bit: later epochs read the recorded rows back in the right
+    places. At DP=2 each replica records its own rows and they are gathered."""
+    steps = ["--algorithm", "grpo", "--num-samples-per-prompt", "4", "--num-episodes", "2",
+             "--sample-per-episode", "16", "--generation-batch-size", "8",
+             "--train-micro-batch-size", "4", "--train-global-batch-size", "16",
+             "--num-training-epoch", "3"]
+    logs = []
+    first = rlhf(ws, "grpo_first", 1, *steps, outputs=logs)
+    assert "old log-probs: from the first training step" in logs[0], logs[0][-3000:]
+    logs = []
+    scored = rlhf(ws, "grpo_scored", 1, *steps, "--recompute-old-logprobs", "true", outputs=logs)
+    assert "old log-probs: from the first training step" not in logs[0]
+    same = [k for k in scored[0] if not k.startswith("time_") and k != "tokens_per_s"]
+    assert {"kl", "entropy", "approx_kl", "clipfrac", "policy_loss"} <= set(same)
+    for a, b in zip(first, scored):
+        for k in same:
+            assert a[k] == b[k], (a["iteration"], k, a[k], b[k])
+    assert first[1]["kl"] != 0.0 and first[1]["approx_kl"] != 0.0  # the epochs moved the policy
+    two = rlhf(ws, "grpo_first_dp2", 2, *steps)
+    for a, b in zip(first, two):
+        for k in ("reward_mean", "reward_std", "response_length", "ended"):
+            assert a[k] == b[k], (a["iteration"], k, a[k], b[k])
+        for k in ("kl", "entropy", "policy_loss", "approx_kl", "clipfrac", "ref_kl"):
+            assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(a[k])), (a["iteration"], k, a[k], b[k])
 
 
 SHORT = ["--sample-per-episode", "16", "--generation-batch-size", "8",

@@ -88,6 +88,7 @@ class RLHFSettings:
     seed: int = 1234
     data_shuffle: bool = True
     offload: bool = False                   # idle roles to host memory between phases
+    recompute_old_logprobs: bool = False    # GRPO, one mini-batch: score old log-probs anyway
 
 
 @dataclass

@@ -130,6 +130,9 @@ class PPOConfig:
     seed: int = _S.seed
     data_shuffle: bool = _S.data_shuffle  # prompts in a seeded new order on every pass
     offload: bool = _S.offload  # idle roles to host memory between phases
+    # GRPO with one mini-batch per epoch takes the old log-probs from its first training forward
+    # (RLHFTrainer.old_from_training); true: from a scoring forward, as PPO always does
+    recompute_old_logprobs: bool = _S.recompute_old_logprobs
 
 
 # Which per-model file a PPOConfig key is read from (ppo_config_from): generation settings from the
@@ -150,7 +153,8 @@ SETTINGS_KEYS = {"algorithm": "algorithm", "num_ppo_episode": "num_episodes",
                  "num_training_epoch": "num_training_epoch",
                  "save_episode_interval": "save_episode_interval", "seed": "seed",
                  "eval_episode_interval": "eval_episode_interval", "offload": "offload",
-                 "data_shuffle": "data_shuffle"}
+                 "data_shuffle": "data_shuffle",
+                 "recompute_old_logprobs": "recompute_old_logprobs"}
 
 
 def _warn(msg: str) -> None:
@@ -547,6 +551,10 @@ class RLHFTrainer:
         self.peak_bytes = 0  # the most bytes the roles held at once (phase boundaries)
         self._sized = 0  # episodes whose role sizes were measured (constant after the second)
         self._roles_bytes = 0
+        self._record = None  # (rows, log-probs, entropy) of the first step (old_from_training)
+        if self.old_from_training:
+            print_rank_last("> old log-probs: from the first training step of each episode (GRPO, "
+                            "one mini-batch per epoch; recompute_old_logprobs: a scoring forward)")
         n = cfg.sample_per_episode
         for r in roles:  # every role takes an equal share of the episode's samples per replica
             if n % r.dp or (r.pp > 1 and (n // r.dp) % cfg.train_micro_batch_size):
@@ -704,9 +712,11 @@ class RLHFTrainer:
                "position_ids": torch.arange(self.seq).expand(len(rows), -1).clone()}
         t_gen = time.time()
         neg = (lambda o: -o)
-        # the policy's token entropy on its own samples (reported) comes from the same forward
-        self._collect(self.policy, exp, "old_logprobs", neg,
-                      None if evaluation else "entropy")
+        if not evaluation and self.old_from_training:
+            exp["row"] = torch.arange(len(rows))  # (the first training step fills the rows in)
+        else:  # the policy's token entropy on its own samples (reported) from the same forward
+            self._collect(self.policy, exp, "old_logprobs", neg,
+                          None if evaluation else "entropy")
         self._collect(self.reference, exp, "ref_logprobs", neg)
         if self.value is not None and not evaluation:
             self._collect(self.value_scorer, exp, "values")
@@ -828,11 +838,53 @@ class RLHFTrainer:
         """The held-out prompts an evaluation uses: the largest multiple of ``eval_unit``."""
         return available // self.eval_unit() * self.eval_unit()
 
+    @staticmethod
+    def rollout_stats(exp) -> Dict[str, float]:
+        """``kl`` (k1 of the old log-probs to the reference's, summed over a response, mean over
+        samples) and ``entropy`` (the policy's token entropy on its samples, token mean)."""
+        mask = exp["mask"]
+        kl_tok = L.kl_penalty(exp["old_logprobs"], exp["ref_logprobs"], "k1") * mask
+        return {"kl": (kl_tok.sum(-1)).mean().item(),
+                "entropy": (L.masked_sum(exp["entropy"], mask) / mask.sum().clamp(min=1)).item()}
+
+    @property
+    def old_from_training(self) -> bool:
+        """Whether the old log-probs come from the first training step: GRPO with the whole
+        episode in one mini-batch (and ``recompute_old_logprobs`` off). That step's forward runs
+        the weights that sampled, so its log-probs, detached, are the old ones (the ratio is 1
+        there, as with scored ones), and the policy's scoring forward is left out: one forward of
+        the policy over the episode per episode. PPO needs them before training (the KL penalty in
+        the rewards), and a later mini-batch runs updated weights."""
+        cfg = self.cfg
+        return (cfg.algorithm == "grpo" and not cfg.recompute_old_logprobs
+                and cfg.train_global_batch_size == cfg.sample_per_episode)
+
+    def _fill_old_logprobs(self, exp) -> None:
+        """After the first training step (``old_from_training``): exp["old_logprobs"] and
+        exp["entropy"] from the log-probs and entropies it recorded (``_policy_loss``), on every
+        rank (this replica's rows from its last pipeline stage, then every replica's)."""
+        role, seq = self.policy, self.seq
+        rec, self._record = self._record, None
+        per = self.cfg.train_global_batch_size // role.dp
+        rows = torch.zeros(per, dtype=torch.long)
+        vals = torch.zeros(per, 2, seq)
+        if rec:  # the last stage: [b, width] per micro-batch
+            rows = torch.cat([r for r, _, _ in rec]).cpu()
+            width = rec[0][1].shape[1]
+            vals[:, 0, :width] = torch.cat([lp for _, lp, _ in rec]).float().cpu()
+            vals[:, 1, :width] = torch.cat([e for _, _, e in rec]).float().cpu()
+        with self.layouts.use(role.layout):
+            rows, vals = self._gather_rows(role, rows), self._gather_rows(role, vals)
+        n = exp["tokens"].shape[0]
+        for i, key in enumerate(("old_logprobs", "entropy")):
+            exp[key] = torch.zeros(n, seq)
+            exp[key][rows] = vals[:, i]
+
     def advantages(self, exp) -> Dict[str, float]:
         cfg, mask = self.cfg, exp["mask"]
-        kl_tok = L.kl_penalty(exp["old_logprobs"], exp["ref_logprobs"], "k1") * mask
-        stats = {"kl": (kl_tok.sum(-1)).mean().item()}
         if cfg.algorithm == "grpo":
+            # (old_from_training: rollout_stats once the first training step has them)
+            stats = self.rollout_stats(exp) if "old_logprobs" in exp else {}
             score = exp["score"] * cfg.reward_scale
             if cfg.reward_clip is not None:
                 score = score.clamp(-cfg.reward_clip, cfg.reward_clip)
@@ -849,8 +901,8 @@ class RLHFTrainer:
         if cfg.whiten_advantages:  # over the whole episode: every rank holds every sample
             adv = L.masked_whiten(adv, mask)
         exp["advantages"], exp["returns"] = adv, ret
-        stats["kl"] = kl_sum.mean().item()  # kl_kind's estimate, whatever the coefficient
-        return stats
+        # kl: kl_kind's estimate, whatever the coefficient
+        return {"kl": kl_sum.mean().item(), "entropy": self.rollout_stats(exp)["entropy"]}
 
     # -- training
 
@@ -863,16 +915,20 @@ class RLHFTrainer:
     def _policy_loss(self, batch, out):
         cfg = self.cfg
         entropy = None
-        if cfg.entropy_coef:  # nll and entropy per position (_token_logprobs with "grad")
+        if isinstance(out, tuple):  # nll and entropy per position (train_role's entropy)
             out, entropy = out
         logprobs = -out
+        old = batch.get("old_logprobs")
+        if old is None:  # the first step of old_from_training: these weights sampled
+            old = logprobs.detach()
+            self._record.append((batch["row"], old, entropy.detach()))
         kind = self.loss_kl_kind
         if cfg.algorithm == "grpo" and kind == "k3":
-            loss, n, st = L.grpo_loss(logprobs, batch["old_logprobs"], batch["ref_logprobs"],
+            loss, n, st = L.grpo_loss(logprobs, old, batch["ref_logprobs"],
                                       batch["advantages"], batch["mask"], cfg.clip_range,
                                       self.kl_ctl.value)
         elif cfg.algorithm == "grpo" or cfg.kl_in_loss:  # surrogate + kl_coef x KL(kind)
-            loss, n, st = L.ppo_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"],
+            loss, n, st = L.ppo_policy_loss(logprobs, old, batch["advantages"],
                                             batch["mask"], cfg.clip_range)
             kl = L.masked_sum(L.kl_penalty(logprobs, batch["ref_logprobs"], kind), batch["mask"])
             loss = loss + self.kl_ctl.value * kl
@@ -880,7 +936,7 @@ class RLHFTrainer:
         else:
             loss, n, st = L.ppo_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"],
                                             batch["mask"], cfg.clip_range)
-        if entropy is not None:  # the bonus: maximise the entropy of the response tokens
+        if cfg.entropy_coef:  # the bonus: maximise the entropy of the response tokens
             loss = loss - cfg.entropy_coef * L.masked_sum(entropy, batch["mask"])
         rep = {"policy_loss": torch.stack([loss.detach(), n.float()])}
         rep.update({k.replace("_sum", ""): torch.stack([v.detach().float(), n.float()])
@@ -897,8 +953,13 @@ class RLHFTrainer:
 
     def train_role(self, role: Role, exp, loss_fn, order: torch.Tensor) -> Dict[str, float]:
         cfg = self.cfg
-        # the entropy bonus; the reported entropy is the rollout's (make_experience)
-        entropy = "grad" if role is self.policy and cfg.entropy_coef else None
+        # the entropy bonus; the reported entropy is the rollout's (make_experience, or recorded
+        # by the first step of old_from_training)
+        entropy = None
+        if role is self.policy and cfg.entropy_coef:
+            entropy = "grad"
+        elif role is self.policy and self._record is not None:
+            entropy = "metric"
         gbs = cfg.train_global_batch_size
         per_rank = gbs // role.dp
         totals: Dict[str, torch.Tensor] = {}
@@ -940,13 +1001,17 @@ class RLHFTrainer:
                    "reward_mean": exp["score"].mean().item(),
                    "reward_std": exp["score"].std(unbiased=False).item(),
                    "response_length": exp["response_length"].mean().item(),
-                   "ended": exp["ended"].mean().item(), "kl": stats["kl"],
-                   "entropy": (L.masked_sum(exp["entropy"], exp["mask"])
-                               / exp["mask"].sum().clamp(min=1)).item()}
+                   "ended": exp["ended"].mean().item(), **stats}
         g = torch.Generator().manual_seed(cfg.seed + self.episode)
         for _ in range(cfg.num_training_epoch):
             order = torch.randperm(len(prompts), generator=g)
+            if "old_logprobs" not in exp:  # old_from_training: this step records them
+                self._record = []
             metrics.update(self.train_role(self.policy, exp, self._policy_loss, order))
+            if self._record is not None:
+                self._fill_old_logprobs(exp)
+            if "kl" not in metrics:
+                metrics.update(self.rollout_stats(exp))
             if self.value is not None:
                 metrics.update(self.train_role(self.value, exp, self._value_loss, order))
         self.kl_ctl.update(metrics["kl"], cfg.sample_per_episode)
