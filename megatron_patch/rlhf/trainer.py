@@ -934,8 +934,8 @@ class RLHFTrainer:
             loss = loss + self.kl_ctl.value * kl
             st = dict(st, ref_kl_sum=kl.detach())
         else:
-            loss, n, st = L.ppo_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"],
-                                            batch["mask"], cfg.clip_range)
+            loss, n, st = L.ppo_policy_loss(logprobs, old, batch["advantages"], batch["mask"],
+                                            cfg.clip_range)
         if cfg.entropy_coef:  # the bonus: maximise the entropy of the response tokens
             loss = loss - cfg.entropy_coef * L.masked_sum(entropy, batch["mask"])
         rep = {"policy_loss": torch.stack([loss.detach(), n.float()])}
