@@ -10,7 +10,8 @@ checkpoint; ``--help`` for the rest).
 The default run takes under a minute on an idle core, most of it the timed episodes.
 
 Workload (the issue's): 8 responses x 16 new tokens per step (8 prompts for PPO; 2 prompts x 4
-samples for GRPO), 4 PPO epochs over one mini-batch (``train_global_batch_size`` = 8 =
+samples for GRPO; ``grpo_rule``: GRPO scored by a rule-based reward function, ``ppo_plain.low_ids``,
+instead of a reward model, its usual set-up), 4 PPO epochs over one mini-batch (``train_global_batch_size`` = 8 =
 ``sample_per_episode``, one micro-batch of 8), prompts up to 32 tokens (chatterbot-corpus
 questions), sequence 32 + 16. Policy, reference, reward and value are each a ~100k-parameter LLaMA
 (2 layers, hidden 32, FFN 128, 4 heads, a 1000-token byte-level BPE trained in-process on the
@@ -60,7 +61,7 @@ import torch  # noqa: E402
 from megatron_patch import assets  # noqa: E402
 from megatron_patch.launch import launch_local  # noqa: E402
 
-GOALS = {"ppo": 0.12, "grpo": 0.05}
+GOALS = {"ppo": 0.12, "grpo": 0.05, "grpo_rule": 0.05}
 MODEL = dict(layers=2, hidden=32, ffn=128, heads=4, vocab=1000)
 PHASES = ("generation", "scoring", "training", "other")
 
@@ -148,11 +149,13 @@ def bench(algorithm: str, tok: str, prompts: str, init: str, a) -> dict:
     if parallel_state.model_parallel_is_initialized():  # the previous algorithm's trainer
         parallel_state.destroy_model_parallel()
     n = a.samples
-    cfg = T.PPOConfig(algorithm=algorithm, num_episodes=a.warmup + a.episodes, sample_per_episode=n,
+    rule = algorithm == "grpo_rule"  # GRPO scored by a rule (ppo_plain.low_ids), no reward model
+    kind = "grpo" if rule else algorithm
+    cfg = T.PPOConfig(algorithm=kind, num_episodes=a.warmup + a.episodes, sample_per_episode=n,
                       generation_batch_size=n, train_micro_batch_size=n, train_global_batch_size=n,
                       num_training_epoch=a.ppo_epochs, max_new_tokens=a.new_tokens,
                       max_prompt_length=a.max_prompt_length, num_samples_per_prompt=a.group,
-                      init_kl_coef=0.05)
+                      init_kl_coef=0.05, reward_function="ppo_plain:low_ids" if rule else None)
     cli = T.build_cli().parse_args(["--policy", init, "--prompts", prompts, "--lr", str(a.lr),
                                     "--tokenizer-model", tok])
 
@@ -162,7 +165,7 @@ def bench(algorithm: str, tok: str, prompts: str, init: str, a) -> dict:
         return r
 
     policy = args()
-    reward = args()  # an LM checkpoint: a new head (HEAD_SWAP)
+    reward = None if rule else args()  # an LM checkpoint: a new head (HEAD_SWAP)
     value = args() if algorithm == "ppo" else None
     trainer = T.RLHFTrainer(cfg, policy, reward, value)
     params = {r.name: sum(p.numel() for m in r.model for p in m.parameters())
@@ -173,7 +176,7 @@ def bench(algorithm: str, tok: str, prompts: str, init: str, a) -> dict:
     if a.plain:
         from ppo_plain import PlainStep
 
-        plain = PlainStep(algorithm, os.path.join(init, "config.json"), dataset.ids,
+        plain = PlainStep(kind, os.path.join(init, "config.json"), dataset.ids, rule=rule,
                           samples=n, group=a.group, new_tokens=a.new_tokens,
                           ppo_epochs=a.ppo_epochs, lr=a.lr, pad_id=trainer.pad,
                           eos_id=trainer.eos, kl_coef=0.05)
@@ -219,7 +222,7 @@ def bench(algorithm: str, tok: str, prompts: str, init: str, a) -> dict:
         "cpu_s_per_step": med, "cpu_s_min": min(steps), "cpu_s_max": max(steps),
         "steps": steps, "goal_cpu_s": GOALS[algorithm],
         "phases_cpu_s": {k: statistics.median(v) for k, v in phases.items()},
-        "prompts_per_step": n // (a.group if algorithm == "grpo" else 1),
+        "prompts_per_step": n // (a.group if kind == "grpo" else 1),
         "responses_per_step": n,
         "response_tokens_mean": statistics.mean(m["response_length"] for m in metrics),
         "parameters": params,
@@ -230,7 +233,9 @@ def bench(algorithm: str, tok: str, prompts: str, init: str, a) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--algorithms", default="ppo,grpo")
+    p.add_argument("--algorithms", default="ppo,grpo,grpo_rule",
+                   help="any of ppo, grpo (reward model), grpo_rule (a rule-based reward: "
+                        "ppo_plain.low_ids, no reward model)")
     p.add_argument("--episodes", type=int, default=20, help="timed episodes (steps) per algorithm")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--samples", type=int, default=8, help="responses per step (= mini-batch)")
@@ -246,7 +251,7 @@ def main() -> int:
                         "use_flash_attn: true)")
     p.add_argument("--no-plain", dest="plain", action="store_false",
                    help="leave out the interleaved plain PyTorch + transformers step")
-    p.add_argument("--profile", default=None, choices=["ppo", "grpo"],
+    p.add_argument("--profile", default=None, choices=sorted(GOALS),
                    help="cProfile this algorithm's timed episodes")
     p.add_argument("--profile-top", type=int, default=25)
     p.add_argument("--work", default=None, help="keep the tokenizer/checkpoint here (else a tmp)")
@@ -254,7 +259,7 @@ def main() -> int:
     a = p.parse_args()
     algos = [x for x in a.algorithms.split(",") if x]
     if not algos or set(algos) - set(GOALS):
-        p.error("--algorithms takes ppo, grpo or ppo,grpo")
+        p.error(f"--algorithms takes a comma-separated subset of {', '.join(GOALS)}")
     torch.set_num_threads(a.threads)
 
     with tempfile.TemporaryDirectory() as tmp:

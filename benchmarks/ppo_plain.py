@@ -6,7 +6,8 @@ episodes, so that "ours / plain" is a ratio that does not depend on the VM's dri
 its own (``main``) it shows what eager PyTorch costs for this workload.
 
 Workload (ppo.py's): 8 responses x 16 new tokens per step (PPO: the next 8 prompts; GRPO: the
-next 2 prompts x 4 samples, group-contiguous rows), prompts given as token-id lists (ppo.py's:
+next 2 prompts x 4 samples, group-contiguous rows; ``rule=True``: scored by ``low_ids``, no
+reward model), prompts given as token-id lists (ppo.py's:
 BOS + the prompt, the last 32 tokens), 4 PPO epochs over one mini-batch of 8. Every role is a
 LLaMA built from ``config_json`` (ppo.py's: 2 layers, hidden 32, FFN 128, 4 heads, 2 KV heads,
 vocab 1000, rms eps 1e-6, untied embeddings), fp32, random init (``torch.manual_seed(seed)``),
@@ -60,6 +61,12 @@ class ScalarModel(torch.nn.Module):
         return self.head(h).squeeze(-1)
 
 
+def low_ids(prompts, responses, response_ids=None):
+    """A rule-based reward (``module:function``, as the trainer calls one): the share of response
+    tokens that are ordinary tokens with an id below 100 (0-4: special tokens, EOS among them)."""
+    return [sum(5 <= t < 100 for t in ids) / max(len(ids), 1) for ids in response_ids]
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp_min(1.0)
 
@@ -79,7 +86,9 @@ def values_at_actions(model, ids, attn, pos, width: int) -> torch.Tensor:
 class PlainStep:
     def __init__(self, algorithm: str, config_json: str, prompts: list[list[int]], *, samples=8,
                  group=4, new_tokens=16, ppo_epochs=4, lr=1e-5, pad_id=3, eos_id=2, seed=0,
-                 kl_coef=0.05, clip=0.2, clip_value=0.2, gamma=1.0, lam=0.95):
+                 kl_coef=0.05, clip=0.2, clip_value=0.2, gamma=1.0, lam=0.95, rule=False):
+        """``rule``: the score is ``low_ids`` of the response, no reward model (GRPO's usual
+        set-up)."""
         if algorithm not in ("ppo", "grpo"):
             raise ValueError(f"algorithm must be ppo or grpo, got {algorithm!r}")
         self.algorithm, self.prompts = algorithm, prompts
@@ -92,7 +101,7 @@ class PlainStep:
         torch.manual_seed(seed)
         self.policy = LlamaForCausalLM(config).train()
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
-        self.reward = ScalarModel(config).eval().requires_grad_(False)
+        self.reward = None if rule else ScalarModel(config).eval().requires_grad_(False)
         self.policy_opt = torch.optim.AdamW(self.policy.parameters(), lr=lr, fused=True)
         self.value = None
         if algorithm == "ppo":
@@ -135,7 +144,11 @@ class PlainStep:
             old = None if self.value is None else token_logprobs(self.policy, ids, attn, pos,
                                                                  width)
             ref = token_logprobs(self.reference, ids, attn, pos, width)
-            score = self.reward(ids, attn, pos)[torch.arange(b), p + length - 1]
+            if self.reward is None:
+                score = torch.tensor(low_ids(None, None, [ids[i, p:p + n].tolist()
+                                                          for i, n in enumerate(length.tolist())]))
+            else:
+                score = self.reward(ids, attn, pos)[torch.arange(b), p + length - 1]
             if self.value is None:
                 g = score.view(-1, self.group)
                 adv = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-6)).view(-1)
@@ -188,7 +201,8 @@ def main() -> int:
     ap.add_argument("--config", required=True, help="an HF LLaMA config.json")
     ap.add_argument("--prompts", required=True, help="jsonl of {'prompt': text}")
     ap.add_argument("--tokenizer", required=True, help="a folder with tokenizer.json")
-    ap.add_argument("--algorithms", default="ppo,grpo")
+    ap.add_argument("--algorithms", default="ppo,grpo,grpo_rule",
+                    help="grpo_rule: GRPO scored by low_ids, no reward model")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--max-prompt-length", type=int, default=32)
@@ -206,7 +220,7 @@ def main() -> int:
     print("| algorithm | CPU s/step |    min |    max | response tokens |")
     print("|-----------|------------|--------|--------|-----------------|")
     for algo in a.algorithms.split(","):
-        runner = PlainStep(algo, a.config, prompts)
+        runner = PlainStep(algo.replace("_rule", ""), a.config, prompts, rule=algo == "grpo_rule")
         for _ in range(a.warmup):
             runner.step()
         times, lengths = [], []
