@@ -6,7 +6,9 @@
 - ``collect`` / ``_run`` leave out the padding columns after the last response (``_width``): the
   same outputs as over the whole padded sequence;
 - ``logits_at`` stays off where it would be wrong (a stage without the output layer, sequence
-  parallelism).
+  parallelism);
+- the no-grad scoring forward (inference-only modules) equals the training forward bit for bit
+  (the first ratio of an episode is exactly 1).
 """
 import os
 import sys
@@ -147,3 +149,33 @@ def test_a_batch_without_response_tokens(lm):
     (nll.sum() + ent.sum()).backward()
     assert not model.output_layer.weight.grad.any()
     model.eval()
+
+
+@pytest.mark.parametrize("ffn", [176, 128], ids=["ffn176_fused_mlp", "ffn128_split_mlp"])
+def test_scoring_forward_equals_the_training_forward(tmp_path_factory, ffn):
+    """The old log-probs (a no-grad scoring forward through the inference-only modules, with and
+    without the entropy) equal the log-probs of the training forward (megatron-core's modules,
+    autograd on) of the same weights bit for bit, so an episode's first ratio is exactly 1 and
+    GRPO's first training step can stand in for the scoring forward. FFN 176 takes megatron-core's
+    fused MLP (gate and up as two GEMMs rounds differently there), FFN 128 the split one."""
+    from megatron_patch.convert.engine import hf_to_megatron
+    from megatron_patch.generation.loader import load_for_generation
+    from tests.workers.convert_cases import _llama, build_hf
+
+    work = tmp_path_factory.mktemp(f"scoring_ffn{ffn}")
+    hf, mg = str(work / "hf"), str(work / "mg")
+    build_hf(_llama(intermediate_size=ffn), hf)
+    hf_to_megatron(hf, mg, tp=1, log=lambda *a: None)
+    lm = load_for_generation(mg, flash=True, log=lambda *a: None, inference=True)
+    model = lm.model
+    limit = lm.vocab_size - 7
+    for seed in range(3):
+        tokens, mask, pos = _batch(lm.vocab_size, seed)
+        model.train()
+        train = _token_logprobs(model, tokens, pos, None, limit, mask).detach()
+        model.eval()
+        with torch.no_grad():
+            score = _token_logprobs(model, tokens, pos, None, limit, mask)
+            score_ent, _ = _token_logprobs(model, tokens, pos, "metric", limit, mask)
+        assert torch.equal(score, train), (seed, (score - train).abs().max())
+        assert torch.equal(score_ent, train), (seed, (score_ent - train).abs().max())
