@@ -327,8 +327,8 @@ def _token_logprobs(model, tokens, position_ids, entropy: Optional[str] = None,
         if mask is not None and where is None:
             ent = ent * (mask > 0)
     else:
-        group = parallel_state.get_tensor_model_parallel_group()
         if entropy is not None:
+            group = parallel_state.get_tensor_model_parallel_group()
             if mask is not None and where is None:
                 keep = mask > 0
             else:  # every position (every selected one is a mask position)
@@ -839,13 +839,17 @@ class RLHFTrainer:
         return available // self.eval_unit() * self.eval_unit()
 
     @staticmethod
-    def rollout_stats(exp) -> Dict[str, float]:
-        """``kl`` (k1 of the old log-probs to the reference's, summed over a response, mean over
-        samples) and ``entropy`` (the policy's token entropy on its samples, token mean)."""
+    def rollout_entropy(exp) -> float:
+        """The policy's token entropy on its samples (token mean)."""
         mask = exp["mask"]
-        kl_tok = L.kl_penalty(exp["old_logprobs"], exp["ref_logprobs"], "k1") * mask
-        return {"kl": (kl_tok.sum(-1)).mean().item(),
-                "entropy": (L.masked_sum(exp["entropy"], mask) / mask.sum().clamp(min=1)).item()}
+        return (L.masked_sum(exp["entropy"], mask) / mask.sum().clamp(min=1)).item()
+
+    @classmethod
+    def rollout_stats(cls, exp) -> Dict[str, float]:
+        """``kl`` (k1 of the old log-probs to the reference's, summed over a response, mean over
+        samples) and ``entropy`` (``rollout_entropy``)."""
+        kl_tok = L.kl_penalty(exp["old_logprobs"], exp["ref_logprobs"], "k1") * exp["mask"]
+        return {"kl": (kl_tok.sum(-1)).mean().item(), "entropy": cls.rollout_entropy(exp)}
 
     @property
     def old_from_training(self) -> bool:
@@ -902,7 +906,7 @@ class RLHFTrainer:
             adv = L.masked_whiten(adv, mask)
         exp["advantages"], exp["returns"] = adv, ret
         # kl: kl_kind's estimate, whatever the coefficient
-        return {"kl": kl_sum.mean().item(), "entropy": self.rollout_stats(exp)["entropy"]}
+        return {"kl": kl_sum.mean().item(), "entropy": self.rollout_entropy(exp)}
 
     # -- training
 
