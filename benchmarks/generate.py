@@ -4,6 +4,13 @@ converted with the production converter), greedy, every row running the full len
 
     OMP_NUM_THREADS=1 python benchmarks/generate.py            # CPU: tiny and ~100M LLaMA, batch 8
     python benchmarks/generate.py --gpu                        # GPU: ~1B LLaMA, batch 64, bf16
+    python benchmarks/generate.py --gpu --prompt-lens 8:256 --new-tokens 256 --sample
+                                                               # a PPO rollout's shape
+
+``--prompt-lens LO:HI`` gives the rows prompts of mixed lengths (our engine left-pads them and
+masks the padding keys, ``transformers`` gets them left-padded with an attention mask) and
+``--sample`` samples at temperature 1 instead of greedy decoding (``same`` is then not compared:
+the two draw from different random streams).
 
 Prints one table row per model: generated tokens/s of both and the ratio (ours / transformers); the
 greedy tokens of both are compared too (``same`` = fraction of identical rows; fp32 on CPU should
@@ -70,8 +77,30 @@ def bench_alternating(fns, repeats: int):
     return [min(t) for t in times], outs
 
 
+def prompt_batch(batch: int, prompt_len: int, lens, vocab: int, pad: int):
+    """Random prompts: ``batch`` rows of ``prompt_len`` tokens, or with ``lens`` = (lo, hi) rows of
+    lengths drawn uniformly in [lo, hi]. Returns (list of id lists for ours, left-padded [b, L]
+    ids and their attention mask for ``transformers``)."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    if lens is None:
+        sizes = [prompt_len] * batch
+    else:
+        sizes = torch.randint(lens[0], lens[1] + 1, (batch,), generator=g).tolist()
+    rows = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in sizes]
+    L = max(sizes)
+    ids = torch.full((batch, L), pad, dtype=torch.long)
+    mask = torch.zeros((batch, L), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):] = torch.tensor(r)
+        mask[i, L - len(r):] = 1
+    return rows, ids, mask
+
+
 def run_one(name: str, batch: int, new: int, prompt_len: int, repeats: int, gpu: bool, work: str,
-            flash: bool, mcore: bool = True):
+            flash: bool, mcore: bool = True, lens=None, sample: bool = False,
+            profile: bool = False):
     import torch
 
     from megatron_patch import platform
@@ -88,24 +117,25 @@ def run_one(name: str, batch: int, new: int, prompt_len: int, repeats: int, gpu:
     hf.to(dev)
     hf.generation_config.eos_token_id = None
     n_params = sum(p.numel() for p in hf.parameters())
-    g = torch.Generator().manual_seed(1)
-    prompts = torch.randint(3, MODELS[name]["vocab_size"], (batch, prompt_len), generator=g)
-    params = SamplingParams(max_new_tokens=new, greedy=True, return_logprobs=False)
+    rows, ids, attn = prompt_batch(batch, prompt_len, lens, MODELS[name]["vocab_size"], 0)
+    params = SamplingParams(max_new_tokens=new, greedy=not sample, temperature=1.0, seed=1,
+                            return_logprobs=False)
     sync = torch.cuda.synchronize if gpu else (lambda: None)
 
     def ours(m=lm):
-        out = generate(m.model, prompts.tolist(), params, vocab_size=m.vocab_size)
+        out = generate(m.model, rows, params, vocab_size=m.vocab_size)
         sync()
         return out.tokens
 
-    ids = prompts.to(dev)
+    ids, attn = ids.to(dev), attn.to(dev)
 
     def theirs():
         with torch.no_grad():
-            out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                              max_new_tokens=new, pad_token_id=0)
+            out = hf.generate(ids, attention_mask=attn, max_new_tokens=new, pad_token_id=0,
+                              **(dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+                                 if sample else dict(do_sample=False)))
         sync()
-        return out[:, prompt_len:].cpu()
+        return out[:, ids.shape[1]:].cpu()
 
     fns = [ours, theirs] + ([lambda: ours(base)] if base is not None else [])
     times, outs = bench_alternating(fns, repeats)
@@ -113,11 +143,20 @@ def run_one(name: str, batch: int, new: int, prompt_len: int, repeats: int, gpu:
     same = float((a == b).all(dim=1).float().mean())
     if base is not None and not torch.equal(outs[2], a):
         print(f"warning: {name}: megatron-core modules and ours differ", file=sys.stderr)
+    if profile:  # one more run of ours under torch.profiler: where a generate call's time goes
+        from torch.profiler import ProfilerActivity, profile as prof
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+        with prof(activities=acts) as pr:
+            ours()
+        key = "self_cuda_time_total" if gpu else "self_cpu_time_total"
+        print(f"\n{name}: one generate call, top operators by {key}")
+        print(pr.key_averages().table(sort_by=key, row_limit=20))
     toks = batch * new
     del hf, lm, base
     row = {"model": name, "params": n_params, "batch": batch, "new": new,
            "ours": toks / times[0], "hf": toks / times[1], "ratio": times[1] / times[0],
-           "same": same, "mcore": None, "mcore_ratio": None}
+           "same": None if sample else same, "mcore": None, "mcore_ratio": None}
     if len(times) > 2:
         row.update(mcore=toks / times[2], mcore_ratio=times[1] / times[2])
     return row
@@ -130,7 +169,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--prompt-lens", default=None, metavar="LO:HI",
+                   help="prompts of mixed lengths drawn in [LO, HI] (left-padded for transformers), "
+                        "as a PPO rollout has them; overrides --prompt-len")
+    p.add_argument("--sample", action="store_true",
+                   help="sample at temperature 1 (no top-k / top-p) instead of greedy decoding")
     p.add_argument("--repeats", type=int, default=7, help="alternated runs of each (best taken)")
+    p.add_argument("--profile", action="store_true",
+                   help="print a torch.profiler table of one more generate call of ours")
     p.add_argument("--no-mcore", action="store_true",
                    help="leave out the run on megatron-core's own modules")
     p.add_argument("--no-flash", action="store_true",
@@ -146,16 +192,25 @@ def main(argv=None) -> int:
     if a.gpu and not platform.use_cuda():
         print("error: --gpu needs a CUDA GPU", file=sys.stderr)
         return 1
+    lens = None
+    if a.prompt_lens:
+        try:
+            lens = tuple(int(x) for x in a.prompt_lens.split(":"))
+            assert len(lens) == 2 and 1 <= lens[0] <= lens[1]
+        except (ValueError, AssertionError):
+            p.error(f"--prompt-lens {a.prompt_lens!r}: expected LO:HI with 1 <= LO <= HI")
     models = (a.models or ("1B" if a.gpu else "tiny,100M")).split(",")
     batch = a.batch or (64 if a.gpu else 8)
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for m in models:
             rows.append(run_one(m, batch, a.new_tokens, a.prompt_len, a.repeats, a.gpu, work,
-                                flash=not a.no_flash, mcore=not a.no_mcore))
+                                flash=not a.no_flash, mcore=not a.no_mcore, lens=lens,
+                                sample=a.sample, profile=a.profile))
     dev = torch.cuda.get_device_name() if a.gpu else \
         f"CPU, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
-    print(f"\ngeneration throughput ({dev}; greedy, prompt {a.prompt_len}, "
+    prompts = f"prompts of {lens[0]}-{lens[1]} tokens" if lens else f"prompt {a.prompt_len}"
+    print(f"\ngeneration throughput ({dev}; {'sampled' if a.sample else 'greedy'}, {prompts}, "
           f"{a.new_tokens} new tokens, best of {a.repeats}, alternating)")
     print(f"{'model':>6} {'params':>8} {'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} "
           f"{'ratio':>6} {'same':>5} {'mcore tok/s':>12} {'mcore ratio':>12}")
@@ -163,7 +218,8 @@ def main(argv=None) -> int:
         mc = (f"{r['mcore']:>12.1f} {r['mcore_ratio']:>11.2f}x" if r["mcore"] is not None
               else f"{'-':>12} {'-':>12}")
         print(f"{r['model']:>6} {r['params'] / 1e6:>7.1f}M {r['batch']:>5} {r['ours']:>11.1f} "
-              f"{r['hf']:>10.1f} {r['ratio']:>5.2f}x {r['same']:>5.2f} {mc}")
+              f"{r['hf']:>10.1f} {r['ratio']:>5.2f}x "
+              f"{'-' if r['same'] is None else format(r['same'], '.2f'):>5} {mc}")
     return 0
 
 

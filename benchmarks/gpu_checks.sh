@@ -14,7 +14,15 @@ OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCHDYNAMO_DISABLE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-STEPS=${STEPS:-"ppo pytest generate train_step"}
+STEPS=${STEPS:-"pytest generate ppo train_step"}
+# steps (each a few minutes at most on an H200; a 10-minute command holds about three):
+#   pytest       the gpu-marked tests
+#   generate     benchmarks/generate.py --gpu (1B, batch 64, equal prompts, greedy)
+#   generate_rl  the same at a PPO rollout's shape: prompts of 8-256 tokens, 256 sampled tokens,
+#                with a torch.profiler table of one call
+#   ppo          benchmarks/ppo_gpu.py: the SFT job and PPO with every role resident
+#   ppo_offload  benchmarks/ppo_gpu.py: PPO with offloading (after ppo: its SFT result is reused)
+#   train_step   benchmarks/train_step.py --gpu
 
 step() {  # name, limit (s), command...
     local name=$1 limit=$2 start rc
@@ -33,8 +41,10 @@ python3 -c "import sys, torch, megatron.core as m, transformers as t; print(sys.
 
 for s in $STEPS; do
     case $s in
-        ppo) step ppo "${PPO_LIMIT:-270}" python3 benchmarks/ppo_gpu.py --episodes 2 --warmup 1 \
-                 --work /tmp/ppo_gpu_work --json "$OUT/ppo_gpu.json"
+        ppo|ppo_offload)
+             modes=sft,ppo; [ "$s" = ppo_offload ] && modes=ppo-offload
+             step "$s" "${PPO_LIMIT:-270}" python3 benchmarks/ppo_gpu.py --episodes 2 --warmup 1 \
+                 --modes "$modes" --work /tmp/ppo_gpu_work --json "$OUT/$s.json"
              # a step cut short still leaves the modes it finished
              cat /tmp/ppo_gpu_work/result_*.json > "$OUT/ppo_modes.txt" 2>/dev/null ;;
         pytest) step pytest "${PYTEST_LIMIT:-170}" python3 -m pytest -m gpu -q -rs \
@@ -42,7 +52,11 @@ for s in $STEPS; do
                     tests/test_gpu_training.py ;;
         generate) step generate "${GENERATE_LIMIT:-110}" python3 benchmarks/generate.py --gpu \
                       --repeats 3 --no-mcore ;;
+        generate_rl) TAIL=60 step generate_rl "${GENERATE_LIMIT:-150}" python3 benchmarks/generate.py \
+                      --gpu --repeats 2 --no-mcore --prompt-lens 8:256 --new-tokens 256 --sample \
+                      --profile ;;
         train_step) step train_step "${TRAIN_LIMIT:-75}" python3 benchmarks/train_step.py --gpu ;;
-        *) echo "unknown step $s (ppo, pytest, generate, train_step)"; exit 2 ;;
+        *) echo "unknown step $s (pytest, generate, generate_rl, ppo, ppo_offload, train_step)"
+           exit 2 ;;
     esac
 done

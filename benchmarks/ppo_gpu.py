@@ -13,6 +13,10 @@ Each configuration runs in its own process, so each has fresh CUDA memory statis
 - ``ppo``: PPO with the four roles resident.
 - ``ppo-offload``: PPO with ``--offload true``, where only the role at work holds device memory.
 
+``--modes`` picks some (``--work DIR`` keeps the tokenizer, checkpoint and each mode's result
+between runs; a later run with the same ``--work`` and without ``sft`` compares with the SFT
+result found there).
+
 For each it prints: samples/s (samples of an episode / its wall time, median of the timed
 episodes), the per-phase seconds of ``metrics.jsonl`` (generation, scoring forwards, training),
 ``torch.cuda.max_memory_allocated`` (GiB) and its ratio to the SFT job's, and the trainer's own
@@ -123,6 +127,10 @@ def child_ppo(a, paths: dict, offload: bool) -> dict:
     for i in range(a.warmup + a.episodes):
         t0 = time.perf_counter()
         m = trainer.run_episode(dataset, log)
+        print(f"[{'ppo-offload' if offload else 'ppo'}] episode {i + 1}: "
+              f"{time.perf_counter() - t0:.2f} s (generation {m['time_generation_s']:.2f}, "
+              f"scoring {m['time_logprobs_s']:.2f}, training {m['time_training_s']:.2f}; "
+              f"peak {_peak_gib():.2f} GiB)", flush=True)
         if i >= a.warmup:
             walls.append(time.perf_counter() - t0)
             recs.append(m)
@@ -184,6 +192,11 @@ def main() -> int:
                 return r.returncode
             with open(out) as f:
                 results[mode] = json.load(f)
+        if "sft" not in results and a.work and os.path.exists(os.path.join(work, "result_sft.json")):
+            # the SFT job's peak from an earlier run in the same --work folder (same settings)
+            with open(os.path.join(work, "result_sft.json")) as f:
+                results["sft"] = json.load(f)
+            modes = ["sft"] + modes
     dev = "CPU fp32" if a.cpu else "GPU bf16"
     print(f"\nRLHF, {a.size} LLaMA policy + reference + reward + value (from the reward model), "
           f"one {dev} device; {a.samples} samples x {a.new_tokens} new tokens per episode "

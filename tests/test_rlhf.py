@@ -42,11 +42,12 @@ def ws(tmp_path_factory):
     return dict(tmp=tmp, prompts=prompts, init=init)
 
 
-def rlhf(ws, name, nproc, *flags, outputs=None):
-    """The run's per-episode metrics; ``outputs`` (a list) gets each rank's output."""
+def rlhf(ws, name, nproc, *flags, outputs=None, env=None):
+    """The run's per-episode metrics; ``outputs`` (a list) gets each rank's output; ``env``: more
+    environment variables."""
     log = os.path.join(ws["tmp"], name, "log")
-    env = {"PYTHONPATH": os.path.join(HERE, "workers") + os.pathsep +
-           os.environ.get("PYTHONPATH", "")}
+    env = dict(env or {}, PYTHONPATH=os.path.join(HERE, "workers") + os.pathsep +
+               os.environ.get("PYTHONPATH", ""))
     logs = launch_local(["-m", "megatron_patch.rlhf.trainer", "--policy", ws["init"], "--prompts",
                          ws["prompts"], "--log-dir", log, *COMMON, *flags], nproc, timeout=900,
                         env=env)
