@@ -1,8 +1,9 @@
 """PPO on a CUDA GPU (skipped without one): policy, reference, reward and value models in bf16,
 colocated on one device. With ``--offload true`` every idle role's storages go to pinned host
 memory between phases and come back; the episodes are the same to the bit as without it, and the
-most bytes held on the device at once fall well below the sum of the roles (the CPU test in
-``test_rlhf.py`` proves the bookkeeping; this one the pinned, asynchronous copies on a device)."""
+most bytes held at once are the policy's while it trains, byte for byte what the same run in fp32
+on the CPU predicts (the CPU test in ``test_rlhf.py`` proves the bookkeeping; this one the pinned,
+asynchronous copies on a device and the mixed-precision byte count)."""
 import pytest
 
 from test_rlhf import _reward_model, rlhf, ws  # noqa: F401  (ws: the module's fixture)
