@@ -170,8 +170,8 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--prompt-lens", default=None, metavar="LO:HI",
-                   help="prompts of mixed lengths drawn in [LO, HI] (left-padded for transformers), "
-                        "as a PPO rollout has them; overrides --prompt-len")
+                   help="prompts of mixed lengths drawn in [LO, HI] (left-padded for "
+                        "transformers), as a PPO rollout has them; overrides --prompt-len")
     p.add_argument("--sample", action="store_true",
                    help="sample at temperature 1 (no top-k / top-p) instead of greedy decoding")
     p.add_argument("--repeats", type=int, default=7, help="alternated runs of each (best taken)")

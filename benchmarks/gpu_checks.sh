@@ -22,6 +22,7 @@ STEPS=${STEPS:-"pytest generate ppo train_step"}
 #                with a torch.profiler table of one call
 #   ppo          benchmarks/ppo_gpu.py: the SFT job and PPO with every role resident
 #   ppo_offload  benchmarks/ppo_gpu.py: PPO with offloading (after ppo: its SFT result is reused)
+#                (PPO_PROFILE=1: both print a torch.profiler table of one more episode's rollout)
 #   train_step   benchmarks/train_step.py --gpu
 
 step() {  # name, limit (s), command...
@@ -36,15 +37,17 @@ step() {  # name, limit (s), command...
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import sys, torch, megatron.core as m, transformers as t; print(sys.version.split()[0], \
-'torch', torch.__version__, 'megatron-core', m.__version__, 'transformers', t.__version__)" || exit 1
+python3 -c "import sys, torch, megatron.core as m, transformers as t
+print(sys.version.split()[0], 'torch', torch.__version__, 'megatron-core', m.__version__,
+      'transformers', t.__version__)" || exit 1
 
 for s in $STEPS; do
     case $s in
         ppo|ppo_offload)
              modes=sft,ppo; [ "$s" = ppo_offload ] && modes=ppo-offload
              step "$s" "${PPO_LIMIT:-270}" python3 benchmarks/ppo_gpu.py --episodes 2 --warmup 1 \
-                 --modes "$modes" --work /tmp/ppo_gpu_work --json "$OUT/$s.json"
+                 --modes "$modes" --work /tmp/ppo_gpu_work --json "$OUT/$s.json" \
+                 ${PPO_PROFILE:+--profile}
              # a step cut short still leaves the modes it finished
              cat /tmp/ppo_gpu_work/result_*.json > "$OUT/ppo_modes.txt" 2>/dev/null ;;
         pytest) step pytest "${PYTEST_LIMIT:-170}" python3 -m pytest -m gpu -q -rs \
@@ -52,9 +55,9 @@ for s in $STEPS; do
                     tests/test_gpu_training.py ;;
         generate) step generate "${GENERATE_LIMIT:-110}" python3 benchmarks/generate.py --gpu \
                       --repeats 3 --no-mcore ;;
-        generate_rl) TAIL=60 step generate_rl "${GENERATE_LIMIT:-150}" python3 benchmarks/generate.py \
-                      --gpu --repeats 2 --no-mcore --prompt-lens 8:256 --new-tokens 256 --sample \
-                      --profile ;;
+        generate_rl) TAIL=60 step generate_rl "${GENERATE_LIMIT:-150}" \
+                      python3 benchmarks/generate.py --gpu --repeats 2 --no-mcore \
+                      --prompt-lens 8:256 --new-tokens 256 --sample --profile ;;
         train_step) step train_step "${TRAIN_LIMIT:-75}" python3 benchmarks/train_step.py --gpu ;;
         *) echo "unknown step $s (pytest, generate, generate_rl, ppo, ppo_offload, train_step)"
            exit 2 ;;

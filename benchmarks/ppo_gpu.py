@@ -127,19 +127,51 @@ def child_ppo(a, paths: dict, offload: bool) -> dict:
     for i in range(a.warmup + a.episodes):
         t0 = time.perf_counter()
         m = trainer.run_episode(dataset, log)
-        print(f"[{'ppo-offload' if offload else 'ppo'}] episode {i + 1}: "
-              f"{time.perf_counter() - t0:.2f} s (generation {m['time_generation_s']:.2f}, "
-              f"scoring {m['time_logprobs_s']:.2f}, training {m['time_training_s']:.2f}; "
-              f"peak {_peak_gib():.2f} GiB)", flush=True)
+        wall = time.perf_counter() - t0
+        print(f"[{'ppo-offload' if offload else 'ppo'}] episode {i + 1}: {wall:.2f} s "
+              f"(generation {m['time_generation_s']:.2f}, scoring {m['time_logprobs_s']:.2f}, "
+              f"training {m['time_training_s']:.2f}; peak {_peak_gib():.2f} GiB)", flush=True)
         if i >= a.warmup:
-            walls.append(time.perf_counter() - t0)
+            walls.append(wall)
             recs.append(m)
+    if a.profile:
+        _profile_generation(trainer, dataset, log)
     med = lambda k: statistics.median(r[k] for r in recs)  # noqa: E731
     return {"samples_per_s": n / statistics.median(walls), "episode_s": statistics.median(walls),
             "generation_s": med("time_generation_s"), "scoring_s": med("time_logprobs_s"),
             "training_s": med("time_training_s"), "response_length": med("response_length"),
             "peak_gib": _peak_gib(), "resident_mb_max": max(r["resident_mb_max"] for r in recs),
             "roles_mb": recs[-1]["roles_mb"]}
+
+
+def _profile_generation(trainer, dataset, log) -> None:
+    """One more episode with its rollout generation under torch.profiler: the operators that take
+    the rollout's time, by device time and by host time (not in the timed figures)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    inner = trainer._generate
+    box = {}
+
+    def profiled(*args, **kwargs):
+        with profile(activities=acts) as pr:
+            out = inner(*args, **kwargs)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        box["pr"] = pr
+        return out
+
+    trainer._generate = profiled
+    try:
+        trainer.run_episode(dataset, log)
+    finally:
+        trainer._generate = inner
+    ev = box["pr"].key_averages()
+    for key in (["self_cuda_time_total"] if torch.cuda.is_available() else []) + \
+            ["self_cpu_time_total"]:
+        print(f"\nrollout generation of one episode, top operators by {key}")
+        print(ev.table(sort_by=key, row_limit=25))
 
 
 def main() -> int:
@@ -156,6 +188,9 @@ def main() -> int:
     p.add_argument("--episodes", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed episodes, print a torch.profiler table of one more "
+                        "episode's rollout generation (PPO modes)")
     p.add_argument("--work", default=None, help="keep the tokenizer and checkpoint here")
     p.add_argument("--json", default=None, metavar="PATH")
     p.add_argument("--child", default=None, choices=MODES, help=argparse.SUPPRESS)
@@ -181,20 +216,22 @@ def main() -> int:
         work = a.work or tmp
         os.makedirs(work, exist_ok=True)
         same = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
-                if k not in ("cpu", "modes", "work", "json", "child", "out")]
+                if k not in ("cpu", "modes", "work", "json", "child", "out", "profile")]
         for mode in modes:
             out = os.path.join(work, f"result_{mode}.json")
             r = subprocess.run([sys.executable, os.path.abspath(__file__), *same,
-                                *(["--cpu"] if a.cpu else []), "--work", work, "--child", mode,
-                                "--out", out])
+                                *(["--cpu"] if a.cpu else []),
+                                *(["--profile"] if a.profile else []),
+                                "--work", work, "--child", mode, "--out", out])
             if r.returncode:
                 print(f"{mode}: failed (exit {r.returncode})", file=sys.stderr)
                 return r.returncode
             with open(out) as f:
                 results[mode] = json.load(f)
-        if "sft" not in results and a.work and os.path.exists(os.path.join(work, "result_sft.json")):
+        earlier = os.path.join(work, "result_sft.json")
+        if "sft" not in results and a.work and os.path.exists(earlier):
             # the SFT job's peak from an earlier run in the same --work folder (same settings)
-            with open(os.path.join(work, "result_sft.json")) as f:
+            with open(earlier) as f:
                 results["sft"] = json.load(f)
             modes = ["sft"] + modes
     dev = "CPU fp32" if a.cpu else "GPU bf16"
