@@ -44,6 +44,9 @@ MODELS = {
     "tiny": _llama(2, 64, 176, 4, 2),
     "100M": _llama(12, 640, 1728, 10, 10),  # ~100M parameters (41M of them embeddings)
     "1B": _llama(16, 2048, 5632, 16, 16),  # ~1.1B, the 1B preset
+    # the same with grouped-query attention (4 KV heads), as LLaMA-3, Qwen2 and Mistral have it:
+    # on a GPU our SDPA core attention repeats the cached K/V per query head on every step
+    "1Bgqa": _llama(16, 2048, 5632, 16, 4),
 }
 
 

@@ -18,6 +18,7 @@ STEPS=${STEPS:-"pytest generate ppo train_step"}
 # steps (each a few minutes at most on an H200; a 10-minute command holds about three):
 #   pytest       the gpu-marked tests
 #   generate     benchmarks/generate.py --gpu (1B, batch 64, equal prompts, greedy)
+#   generate_gqa the same with 4 KV heads of 16 (grouped-query attention)
 #   generate_rl  the same at a PPO rollout's shape: prompts of 8-256 tokens, 256 sampled tokens,
 #                with a torch.profiler table of one call
 #   ppo          benchmarks/ppo_gpu.py: the SFT job and PPO with every role resident
@@ -55,11 +56,14 @@ for s in $STEPS; do
                     tests/test_gpu_training.py ;;
         generate) step generate "${GENERATE_LIMIT:-110}" python3 benchmarks/generate.py --gpu \
                       --repeats 3 --no-mcore ;;
+        generate_gqa) step generate_gqa "${GENERATE_LIMIT:-110}" python3 benchmarks/generate.py \
+                      --gpu --models 1Bgqa --repeats 3 --no-mcore ;;
         generate_rl) TAIL=60 step generate_rl "${GENERATE_LIMIT:-150}" \
                       python3 benchmarks/generate.py --gpu --repeats 2 --no-mcore \
                       --prompt-lens 8:256 --new-tokens 256 --sample --profile ;;
         train_step) step train_step "${TRAIN_LIMIT:-75}" python3 benchmarks/train_step.py --gpu ;;
-        *) echo "unknown step $s (pytest, generate, generate_rl, ppo, ppo_offload, train_step)"
+        *) echo "unknown step $s (pytest, generate, generate_gqa, generate_rl, ppo, ppo_offload," \
+                "train_step)"
            exit 2 ;;
     esac
 done
