@@ -22,6 +22,7 @@ in the same alternation (``--no-mcore`` leaves it out).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -78,6 +79,24 @@ def bench_alternating(fns, repeats: int):
             outs[i] = fn()
             times[i].append(time.perf_counter() - t0)
     return [min(t) for t in times], outs
+
+
+@contextlib.contextmanager
+def profiled(title: str, gpu: bool, rows: int = 20):
+    """Runs the block under torch.profiler and prints its top operators by device time (on a
+    GPU) and by host time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) \
+            as pr:
+        yield
+        if gpu:
+            torch.cuda.synchronize()
+    ev = pr.key_averages()
+    for key in (["self_cuda_time_total"] if gpu else []) + ["self_cpu_time_total"]:
+        print(f"\n{title}, top operators by {key}")
+        print(ev.table(sort_by=key, row_limit=rows))
 
 
 def prompt_batch(batch: int, prompt_len: int, lens, vocab: int, pad: int):
@@ -146,15 +165,9 @@ def run_one(name: str, batch: int, new: int, prompt_len: int, repeats: int, gpu:
     same = float((a == b).all(dim=1).float().mean())
     if base is not None and not torch.equal(outs[2], a):
         print(f"warning: {name}: megatron-core modules and ours differ", file=sys.stderr)
-    if profile:  # one more run of ours under torch.profiler: where a generate call's time goes
-        from torch.profiler import ProfilerActivity, profile as prof
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
-        with prof(activities=acts) as pr:
+    if profile:  # one more run of ours: where a generate call's time goes
+        with profiled(f"{name}: one generate call", gpu):
             ours()
-        key = "self_cuda_time_total" if gpu else "self_cpu_time_total"
-        print(f"\n{name}: one generate call, top operators by {key}")
-        print(pr.key_averages().table(sort_by=key, row_limit=20))
     toks = batch * new
     del hf, lm, base
     row = {"model": name, "params": n_params, "batch": batch, "new": new,
@@ -199,8 +212,9 @@ def main(argv=None) -> int:
     if a.prompt_lens:
         try:
             lens = tuple(int(x) for x in a.prompt_lens.split(":"))
-            assert len(lens) == 2 and 1 <= lens[0] <= lens[1]
-        except (ValueError, AssertionError):
+        except ValueError:
+            lens = ()
+        if len(lens) != 2 or not 1 <= lens[0] <= lens[1]:
             p.error(f"--prompt-lens {a.prompt_lens!r}: expected LO:HI with 1 <= LO <= HI")
     models = (a.models or ("1B" if a.gpu else "tiny,100M")).split(",")
     batch = a.batch or (64 if a.gpu else 8)

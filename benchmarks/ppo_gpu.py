@@ -135,7 +135,7 @@ def child_ppo(a, paths: dict, offload: bool) -> dict:
             walls.append(wall)
             recs.append(m)
     if a.profile:
-        _profile_generation(trainer, dataset, log)
+        _profile_generation(trainer, dataset, log, gpu=not a.cpu)
     med = lambda k: statistics.median(r[k] for r in recs)  # noqa: E731
     return {"samples_per_s": n / statistics.median(walls), "episode_s": statistics.median(walls),
             "generation_s": med("time_generation_s"), "scoring_s": med("time_logprobs_s"),
@@ -144,34 +144,22 @@ def child_ppo(a, paths: dict, offload: bool) -> dict:
             "roles_mb": recs[-1]["roles_mb"]}
 
 
-def _profile_generation(trainer, dataset, log) -> None:
-    """One more episode with its rollout generation under torch.profiler: the operators that take
-    the rollout's time, by device time and by host time (not in the timed figures)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
+def _profile_generation(trainer, dataset, log, gpu: bool) -> None:
+    """One more episode with its rollout generation under torch.profiler (``generate.profiled``):
+    the operators that take the rollout's time (not in the timed figures)."""
+    from generate import profiled
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     inner = trainer._generate
-    box = {}
 
-    def profiled(*args, **kwargs):
-        with profile(activities=acts) as pr:
-            out = inner(*args, **kwargs)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-        box["pr"] = pr
-        return out
+    def wrapped(*args, **kwargs):
+        with profiled("rollout generation of one episode", gpu, rows=25):
+            return inner(*args, **kwargs)
 
-    trainer._generate = profiled
+    trainer._generate = wrapped
     try:
         trainer.run_episode(dataset, log)
     finally:
         trainer._generate = inner
-    ev = box["pr"].key_averages()
-    for key in (["self_cuda_time_total"] if torch.cuda.is_available() else []) + \
-            ["self_cpu_time_total"]:
-        print(f"\nrollout generation of one episode, top operators by {key}")
-        print(ev.table(sort_by=key, row_limit=25))
 
 
 def main() -> int:
