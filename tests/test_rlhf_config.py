@@ -307,6 +307,32 @@ def test_main_file_validation(tmp_path, edit, expected):
     assert expected in error(make(tmp_path, main=MAIN.replace(*edit, 1)))
 
 
+def test_offload_auto_true_false(tmp_path):
+    """rlhf.offload: omitted, null or auto -> None (decided by the device); a bool as it is;
+    anything else a one-line error. None resolves (trainer.offload_plan) to every role on a GPU
+    unless per-model keys name the roles, and to the per-model keys only on a CPU."""
+    from megatron_patch.rlhf.trainer import offload_plan
+
+    main = MAIN.replace("  data_path:", "  offload: {}\n  data_path:")
+    assert load_config(str(make(tmp_path)), env={}).rlhf.offload is None
+    for text, value in (("auto", None), ("AUTO", None), ("null", None), ("true", True),
+                        ("false", False), ("${OFFLOAD:auto}", None)):
+        cfg = load_config(str(make(tmp_path, main=main.format(text))), env={})
+        assert cfg.rlhf.offload is value, text
+    assert "rlhf.offload: expected bool or null, got 'sometimes'" in error(
+        make(tmp_path, main=main.format("sometimes")))
+    roles = ["policy", "reference", "reward", "value"]
+    every = {r: "all" for r in roles}
+    some = {"reference": "weights", "value": "all"}
+    assert offload_plan(roles, None, None, cuda=True) == every
+    assert offload_plan(roles, None, some, cuda=True) == some
+    assert offload_plan(roles, None, None, cuda=False) == {}
+    assert offload_plan(roles, None, some, cuda=False) == some
+    assert offload_plan(roles, True, some, cuda=False) == every
+    assert offload_plan(roles, False, some, cuda=True) == some
+    assert offload_plan(roles, False, None, cuda=True) == {}
+
+
 def test_algorithms_and_roles(tmp_path):
     no_value = MAIN.split("  reward_train:")[0] + "  reward_ref:" + MAIN.split("  reward_ref:")[1]
     no_value = no_value.replace(", reward_train, reward_forward", "")

@@ -87,7 +87,9 @@ class RLHFSettings:
     log_interval: int = 1
     seed: int = 1234
     data_shuffle: bool = True
-    offload: bool = False                   # idle roles to host memory between phases
+    # idle roles to host memory between phases; null (or "auto"): on a GPU unless per-model
+    # offload_weights / free_memory say which roles, off on a CPU (host memory is the device's)
+    offload: Optional[bool] = None
     recompute_old_logprobs: bool = False    # GRPO, one mini-batch: score old log-probs anyway
 
 
@@ -313,6 +315,8 @@ def _settings(raw, origins: dict, path: str) -> RLHFSettings:
     out = {}
     for k, v in raw.items():
         where = f"{origins.get(('rlhf', k), path)}: rlhf.{k}"
+        if k == "offload" and isinstance(v, str) and v.lower() == "auto":
+            v = None  # auto: decided by the device (RLHFTrainer.offload_plan)
         if k != "colocation":
             out[k] = _typed(v, fields[k].type, where, k)
             continue

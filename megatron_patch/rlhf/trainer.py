@@ -129,7 +129,7 @@ class PPOConfig:
     save_episode_interval: Optional[int] = _S.save_episode_interval  # None / 0: at the end only
     seed: int = _S.seed
     data_shuffle: bool = _S.data_shuffle  # prompts in a seeded new order on every pass
-    offload: bool = _S.offload  # idle roles to host memory between phases
+    offload: Optional[bool] = _S.offload  # idle roles to host memory (None: auto, offload_plan)
     # GRPO with one mini-batch per epoch takes the old log-probs from its first training forward
     # (RLHFTrainer.old_from_training); true: from a scoring forward, as PPO always does
     recompute_old_logprobs: bool = _S.recompute_old_logprobs
@@ -541,12 +541,14 @@ class RLHFTrainer:
             raise ArgumentError(f"offload: {sorted(unknown)} are not roles of this run"
                                 if unknown else f"offload: {bad}: expected one of {OFFLOAD_KINDS}")
         # id(role) -> (weights, training state) released while the role is idle
-        self.offload_parts = {}
-        for r in self.roles:
-            kind = "all" if cfg.offload else (offload_roles or {}).get(r.name)
-            if kind:
-                self.offload_parts[id(r)] = (True, kind == "all")
+        plan = offload_plan([r.name for r in self.roles], cfg.offload, offload_roles,
+                            platform.use_cuda())
+        self.offload_parts = {id(r): (True, plan[r.name] == "all")
+                              for r in self.roles if r.name in plan}
         self.offload = bool(self.offload_parts)
+        if cfg.offload is None and plan and not offload_roles:
+            print_rank_last("> offloading: every idle role to host memory between phases (on a "
+                            "GPU by default; rlhf.offload / --offload false keeps them resident)")
         self.memory = {id(r): RoleMemory(r.model, r.optimizer) for r in self.roles}
         self.peak_bytes = 0  # the most bytes the roles held at once (phase boundaries)
         self._sized = 0  # episodes whose role sizes were measured (constant after the second)
@@ -1180,7 +1182,11 @@ def build_cli() -> argparse.ArgumentParser:
     for f in dataclasses.fields(PPOConfig):
         flag, typ = "--" + f.name.replace("_", "-"), str(f.type)
         flag = [flag, "--num-ppo-episode"] if f.name == "num_episodes" else [flag]
-        if "bool" in typ:
+        if f.name == "offload":
+            p.add_argument(*flag, type=_bool_or_auto, default=f.default, metavar="true|false|auto",
+                           help="idle roles to host memory between phases (auto: on a GPU, "
+                                "unless --offload-role names the roles; off on a CPU)")
+        elif "bool" in typ:
             p.add_argument(*flag, type=lambda s: s.lower() in ("1", "true", "yes"),
                            default=f.default)
         elif "float" in typ:
@@ -1194,6 +1200,32 @@ def build_cli() -> argparse.ArgumentParser:
 
 LAYOUT_ROLES = ("generation", "reference", "reward", "value", "value_forward")
 OFFLOAD_KINDS = ("weights", "all")
+
+
+def offload_plan(roles: List[str], offload: Optional[bool], per_role: Optional[Dict[str, str]],
+                 cuda: bool) -> Dict[str, str]:
+    """{role: "weights" | "all"}: what of each role goes to host memory while it is idle.
+    ``offload`` true: all of every role; false: only the ``per_role`` settings (ChatLearn's
+    per-model ``offload_weights`` / ``free_memory``); None (auto): on a GPU, where the colocated
+    roles share the device's memory, like true unless ``per_role`` names the roles; on a CPU like
+    false (host memory is the same memory: copies would gain nothing)."""
+    per_role = dict(per_role or {})
+    if offload is None:
+        offload = cuda and not per_role
+    if offload:
+        return {r: "all" for r in roles}
+    return {r: per_role[r] for r in roles if per_role.get(r)}
+
+
+def _bool_or_auto(s: str) -> Optional[bool]:
+    v = s.strip().lower()
+    if v in ("auto", "none", "null"):
+        return None
+    if v in ("1", "true", "yes"):
+        return True
+    if v in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true, false or auto, got {s!r}")
 
 
 def parse_layouts(items: List[str]) -> Dict[str, tuple]:
