@@ -319,7 +319,7 @@ def test_offload_auto_true_false(tmp_path):
                         ("false", False), ("${OFFLOAD:auto}", None)):
         cfg = load_config(str(make(tmp_path, main=main.format(text))), env={})
         assert cfg.rlhf.offload is value, text
-    assert "rlhf.offload: expected bool or null, got 'sometimes'" in error(
+    assert "rlhf.offload: expected true, false or auto, got 'sometimes'" in error(
         make(tmp_path, main=main.format("sometimes")))
     roles = ["policy", "reference", "reward", "value"]
     every = {r: "all" for r in roles}

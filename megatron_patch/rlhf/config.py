@@ -316,7 +316,9 @@ def _settings(raw, origins: dict, path: str) -> RLHFSettings:
     for k, v in raw.items():
         where = f"{origins.get(('rlhf', k), path)}: rlhf.{k}"
         if k == "offload" and isinstance(v, str) and v.lower() == "auto":
-            v = None  # auto: decided by the device (RLHFTrainer.offload_plan)
+            v = None  # auto: decided by the device (trainer.offload_plan)
+        _check(k != "offload" or v is None or isinstance(v, bool),
+               f"{where}: expected true, false or auto, got {v!r}")
         if k != "colocation":
             out[k] = _typed(v, fields[k].type, where, k)
             continue
