@@ -23,7 +23,9 @@ STEPS=${STEPS:-"pytest generate ppo train_step"}
 #                with a torch.profiler table of one call
 #   ppo          benchmarks/ppo_gpu.py: the SFT job and PPO with every role resident
 #   ppo_offload  benchmarks/ppo_gpu.py: PPO with offloading (after ppo: its SFT result is reused)
-#                (PPO_PROFILE=1: both print a torch.profiler table of one more episode's rollout)
+#                (PPO_PROFILE=1: both print a torch.profiler table of one more episode's rollout,
+#                then time its first generate call, cut to 64 tokens, on the rollout's model
+#                and on the checkpoint loaded for generation, mixed and equal prompt lengths)
 #   train_step   benchmarks/train_step.py --gpu
 
 step() {  # name, limit (s), command...

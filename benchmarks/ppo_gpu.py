@@ -135,7 +135,8 @@ def child_ppo(a, paths: dict, offload: bool) -> dict:
             walls.append(wall)
             recs.append(m)
     if a.profile:
-        _profile_generation(trainer, dataset, log, gpu=not a.cpu)
+        calls = _profile_generation(trainer, dataset, log, gpu=not a.cpu)
+        _compare_engines(trainer, calls, paths["init"], gpu=not a.cpu)
     med = lambda k: statistics.median(r[k] for r in recs)  # noqa: E731
     return {"samples_per_s": n / statistics.median(walls), "episode_s": statistics.median(walls),
             "generation_s": med("time_generation_s"), "scoring_s": med("time_logprobs_s"),
@@ -149,17 +150,64 @@ def _profile_generation(trainer, dataset, log, gpu: bool) -> None:
     the operators that take the rollout's time (not in the timed figures)."""
     from generate import profiled
 
-    inner = trainer._generate
+    from megatron_patch.rlhf import trainer as T
+
+    inner, engine, calls = trainer._generate, T.generate, []
 
     def wrapped(*args, **kwargs):
         with profiled("rollout generation of one episode", gpu, rows=25):
             return inner(*args, **kwargs)
 
-    trainer._generate = wrapped
+    def recorded(model, prompts, params, **kwargs):  # the engine calls of the rollout
+        calls.append((model, [list(p) for p in prompts], params, kwargs))
+        return engine(model, prompts, params, **kwargs)
+
+    trainer._generate, T.generate = wrapped, recorded
     try:
         trainer.run_episode(dataset, log)
     finally:
-        trainer._generate = inner
+        trainer._generate, T.generate = inner, engine
+    return calls
+
+
+def _compare_engines(trainer, calls, init: str, gpu: bool, new: int = 64) -> None:
+    """The first rollout call of the profiled episode again, cut to ``new`` tokens and without stop
+    tokens (every row makes every step): on the rollout's own model (the trained policy: DDP,
+    Float16Module) and on the same checkpoint loaded for generation (``load_for_generation``, as
+    ``benchmarks/generate.py``), each with the rollout's prompts (mixed lengths, left padding) and
+    with the prompts cut to the shortest one's length. Milliseconds per decode step, printed: which
+    of model, prompts or sampling makes the rollout slower per token than generate.py."""
+    import dataclasses
+
+    import torch
+
+    from megatron_patch.generation import generate
+    from megatron_patch.generation.loader import load_for_generation
+
+    if not calls:
+        print("rollout engine comparison: no generate call was recorded", flush=True)
+        return
+    model, prompts, params, kwargs = calls[0]
+    params = dataclasses.replace(params, max_new_tokens=new, stop_token_ids=())
+    trainer._resident(trainer.generator)
+    fresh = load_for_generation(init, precision="bf16" if gpu else "fp32", flash=True,
+                                log=lambda *a: None).model
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    short = min(map(len, prompts))
+    equal = [p[-short:] for p in prompts]
+    print(f"\nrollout engine comparison: {len(prompts)} prompts of {short}-"
+          f"{max(map(len, prompts))} tokens, {new} sampled tokens, no stop tokens", flush=True)
+    print("| model | prompts | ms per step |\n|---|---|---|")
+    with trainer.layouts.use(trainer.generator.layout):
+        for name, m in (("rollout role (trained policy)", model), ("load_for_generation", fresh)):
+            generate(m, equal, dataclasses.replace(params, max_new_tokens=2), **kwargs)  # warm-up
+            for label, rows in (("as in the rollout", prompts), (f"all cut to {short}", equal)):
+                sync()
+                t0 = time.perf_counter()
+                generate(m, rows, params, **kwargs)
+                sync()
+                ms = (time.perf_counter() - t0) / new * 1e3
+                print(f"| {name} | {label} | {ms:.2f} |", flush=True)
 
 
 def main() -> int:
@@ -178,7 +226,9 @@ def main() -> int:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--profile", action="store_true",
                    help="after the timed episodes, print a torch.profiler table of one more "
-                        "episode's rollout generation (PPO modes)")
+                        "episode's rollout generation, then time that rollout's first generate "
+                        "call on the rollout's model and on the checkpoint loaded for generation "
+                        "(PPO modes)")
     p.add_argument("--work", default=None, help="keep the tokenizer and checkpoint here")
     p.add_argument("--json", default=None, metavar="PATH")
     p.add_argument("--child", default=None, choices=MODES, help=argparse.SUPPRESS)
