@@ -87,3 +87,68 @@ def test_megatron_core_files_are_untouched():
         assert digest.decode() == f.hash.value, f"{f} differs from the installed megatron-core"
         checked += 1
     assert checked > 100
+
+
+def test_dataset_index_cache_is_complete_or_absent(tmp_path, monkeypatch):
+    """A GPTDataset build that dies while writing its index cache (a killed job, a full disk)
+    leaves no partial .npy behind (``datasets.atomic_index_cache``): the next build builds again
+    and serves the same samples as a clean build. Without the patch (megatron-core's in-place
+    numpy.save) the truncated file stays and the next build fails loading it."""
+    import types
+
+    import numpy as np
+    import pytest
+    import torch
+
+    import megatron_patch  # noqa: F401
+    from megatron.core.datasets import gpt_dataset
+    from megatron.core.datasets.blended_megatron_dataset_builder import \
+        BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(tmp_path / "docs")
+    rng = np.random.default_rng(0)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    for _ in range(60):
+        n = int(rng.integers(5, 40))
+        builder.add_document(torch.from_numpy(rng.integers(3, 100, n).astype(np.int32)), [n])
+    builder.finalize(prefix + ".idx")
+    tok = types.SimpleNamespace(eod=0, pad=1, vocab_size=100,
+                                unique_identifiers={"class": "test", "vocab_size": 100})
+
+    def build(cache):
+        cfg = gpt_dataset.GPTDatasetConfig(
+            random_seed=7, sequence_length=16, blend=([prefix], None), split="100,0,0",
+            path_to_cache=str(cache), tokenizer=tok, reset_position_ids=False,
+            reset_attention_mask=False, eod_mask_loss=False, mmap_bin_files=True)
+        return BlendedMegatronDatasetBuilder(gpt_dataset.GPTDataset, [40, None, None],
+                                             lambda: True, cfg).build()[0]
+
+    reference = build(tmp_path / "clean")
+    write_array = np.lib.format.write_array
+
+    def dies_on_the_shuffle_index(fp, array, *args, **kwargs):
+        if array.ndim == 1 and len(array) == len(reference):  # the last of the three files
+            fp.write(b"\x93NUMPY")  # what a killed writer leaves: the start of the file
+            raise OSError("No space left on device")
+        return write_array(fp, array, *args, **kwargs)
+
+    def crash_then_rebuild(cache):
+        with monkeypatch.context() as m:
+            m.setattr(np.lib.format, "write_array", dies_on_the_shuffle_index)
+            with pytest.raises(OSError, match="No space left"):
+                build(cache)
+        return build(cache)
+
+    assert isinstance(gpt_dataset.numpy, types.ModuleType) and gpt_dataset.numpy is not np
+    again = crash_then_rebuild(tmp_path / "patched")
+    left = sorted(os.listdir(tmp_path / "patched"))
+    assert not [f for f in left if ".tmp-" in f], left
+    assert len(again) == len(reference)
+    for i in (0, 7, len(reference) - 1):
+        assert torch.equal(again[i]["tokens"], reference[i]["tokens"])
+    # megatron-core's own in-place writes: the partial file is taken for a finished cache
+    monkeypatch.setattr(gpt_dataset, "numpy", np)
+    with pytest.raises((EOFError, ValueError)) as e:
+        crash_then_rebuild(tmp_path / "unpatched")
+    print(f"without the patch the rebuild fails: {e.value!r}")

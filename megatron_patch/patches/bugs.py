@@ -1,11 +1,17 @@
-"""Fixes for megatron-core bugs that are not CPU-specific (they hit whenever TE/Apex are absent).
+"""Fixes for megatron-core bugs that are not CPU-specific (most hit whenever TE/Apex are absent).
 
 Each is applied on every device; each names the line of megatron-core 0.16.1 it works around.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
+import os
+import types
+import uuid
 
+import numpy
 import torch
 
 from megatron_patch.patches import register
@@ -56,3 +62,51 @@ def _distopt_torch_adam_step():
 
     cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
     cls.load_state_dict = load_state_dict
+
+
+class _AtomicSaveNumpy(types.ModuleType):
+    """A stand-in for ``numpy`` inside one megatron-core dataset module: ``save`` to a path writes
+    a temporary file beside it and renames it into place; everything else is numpy itself."""
+
+    def __init__(self):
+        super().__init__("numpy")
+
+    @staticmethod
+    def save(file, arr, allow_pickle=True, **kwargs):
+        if not isinstance(file, (str, os.PathLike)):
+            return numpy.save(file, arr, allow_pickle=allow_pickle, **kwargs)
+        path = os.fspath(file)
+        if not path.endswith(".npy"):
+            path += ".npy"  # numpy.save's own rule for a path
+        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                numpy.save(f, arr, allow_pickle=allow_pickle, **kwargs)
+            os.replace(tmp, path)  # the cache file is complete or absent, never partial
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+
+    def __getattr__(self, name):
+        return getattr(numpy, name)
+
+
+_INDEX_CACHE_MODULES = ("megatron.core.datasets.gpt_dataset",
+                        "megatron.core.datasets.blended_dataset",
+                        "megatron.core.datasets.masked_dataset")
+
+
+@register("datasets.atomic_index_cache",
+          ", ".join(m.rsplit(".", 1)[-1] + ".numpy.save" for m in _INDEX_CACHE_MODULES),
+          "the dataset index caches (.npy) are written in place (gpt_dataset.py:549-551): a job "
+          "killed while writing one, or a second job building the same cache at the same time, "
+          "leaves a truncated file that later runs load (EOFError) instead of rebuilding it",
+          stage="megatron", when="always")
+def _atomic_index_cache():
+    proxy = _AtomicSaveNumpy()
+    for name in _INDEX_CACHE_MODULES:
+        mod = importlib.import_module(name)
+        if getattr(mod, "numpy", None) is not numpy:
+            raise AttributeError(f"{name} has no module global 'numpy'")
+        mod.numpy = proxy
