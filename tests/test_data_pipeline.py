@@ -228,6 +228,56 @@ def test_bad_input(tmp_path):
             j += 1
 
 
+def test_failed_rerun_leaves_the_earlier_dataset(tmp_path, monkeypatch):
+    """A preprocessing run that dies part way (killed, disk full) over the prefix of an earlier
+    dataset leaves that dataset as it was: the .bin/.idx are written as *.tmp and renamed in by
+    the last step (megatron-core's builder writes both in place, and the new .bin then sat beside
+    the old .idx). The rerun that completes replaces the pair and leaves no *.tmp."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_patch.data import _preprocess
+
+    tok = build_tokenizer("auto", llama_model())
+    texts = peoples_daily(400)
+    src = tmp_path / "a.jsonl"
+    src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts),
+                   encoding="utf-8")
+    prefix = str(tmp_path / "out" / "pd")
+    cfg = PreprocessConfig(input=str(src), output_prefix=prefix, append_eod=True,
+                           tokenizer_model=llama_model())
+    preprocess(cfg, tokenizer=tok)
+    before = _bytes(prefix + "_text_document")
+    n_before = len(IndexedDataset(prefix + "_text_document"))
+
+    src.write_text("".join(json.dumps({"text": t + " again"}, ensure_ascii=False) + "\n"
+                           for t in texts * 3), encoding="utf-8")  # a bigger new corpus
+    make = _preprocess.make_builder
+
+    def dying(path, dtype):
+        b = make(path, dtype)
+        add = b.add_batch
+
+        def add_batch(ids, lengths):
+            add(ids, lengths)
+            if len(b.sequence_lengths) > 500:
+                raise OSError("No space left on device")
+
+        b.add_batch = add_batch
+        return b
+
+    monkeypatch.setattr(_preprocess, "make_builder", dying)
+    with pytest.raises(OSError, match="No space left"):
+        preprocess(cfg, tokenizer=tok)
+    assert _bytes(prefix + "_text_document") == before
+    assert len(IndexedDataset(prefix + "_text_document")) == n_before
+    monkeypatch.setattr(_preprocess, "make_builder", make)
+    s = preprocess(cfg, tokenizer=tok)
+    ds = IndexedDataset(prefix + "_text_document")
+    assert len(ds) == s["documents"] == 3 * len(texts)
+    assert ds[0].tolist() == tok.encode_batch([texts[0] + " again"])[0] + [tok.eod]
+    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".tmp")]
+
+
 def _load_cli(name):
     spec = importlib.util.spec_from_file_location(name, os.path.join(TOOLS, name + ".py"))
     mod = importlib.util.module_from_spec(spec)

@@ -74,14 +74,20 @@ def token_dtype(vocab_size: int):
 def make_builder(bin_path: str, dtype):
     """megatron-core's ``IndexedDatasetBuilder`` with a 16 MiB write buffer, lengths kept in
     compact arrays, and ``finalize`` writing the same bytes as megatron-core's but with numpy
-    (megatron-core builds a Python list of every sequence pointer, ~40 bytes per document)."""
+    (megatron-core builds a Python list of every sequence pointer, ~40 bytes per document).
+
+    The ``.bin`` and ``.idx`` are written as ``*.tmp`` files and renamed into place by
+    ``finalize`` (an existing ``.idx`` removed first): a run that dies part way leaves an earlier
+    dataset of the same prefix as it was, and no moment shows a new ``.bin`` beside an old
+    ``.idx`` (megatron-core writes both in place)."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder, _IndexWriter
 
     class LeanIndexedDatasetBuilder(IndexedDatasetBuilder):
         def __init__(self, path, dt):
-            super().__init__(path, dtype=dt)
+            self.final_bin = path
+            super().__init__(path + ".tmp", dtype=dt)
             self.data_file.close()
-            self.data_file = open(path, "wb", buffering=1 << 24)
+            self.data_file = open(path + ".tmp", "wb", buffering=1 << 24)
             self.sequence_lengths = array("i")
             self.document_indices = array("q", [0])
 
@@ -101,7 +107,7 @@ def make_builder(bin_path: str, dtype):
             pointers = np.zeros(len(lengths), dtype=np.int64)
             if len(lengths) > 1:
                 np.cumsum(lengths[:-1].astype(np.int64) * DType.size(self.dtype), out=pointers[1:])
-            with _IndexWriter(idx_path, self.dtype) as writer:
+            with _IndexWriter(idx_path + ".tmp", self.dtype) as writer:
                 import struct
 
                 f = writer.idx_writer
@@ -110,6 +116,10 @@ def make_builder(bin_path: str, dtype):
                 f.write(lengths.tobytes(order="C"))
                 f.write(pointers.tobytes(order="C"))
                 f.write(docs.tobytes(order="C"))
+            if os.path.exists(idx_path):
+                os.remove(idx_path)  # an old pair: its index goes first, then both are replaced
+            os.replace(self.final_bin + ".tmp", self.final_bin)
+            os.replace(idx_path + ".tmp", idx_path)
 
     return LeanIndexedDatasetBuilder(bin_path, dtype)
 
