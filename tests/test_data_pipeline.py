@@ -230,9 +230,9 @@ def test_bad_input(tmp_path):
 
 def test_failed_rerun_leaves_the_earlier_dataset(tmp_path, monkeypatch):
     """A preprocessing run that dies part way (killed, disk full) over the prefix of an earlier
-    dataset leaves that dataset as it was: the .bin/.idx are written as *.tmp and renamed in by
-    the last step (megatron-core's builder writes both in place, and the new .bin then sat beside
-    the old .idx). The rerun that completes replaces the pair and leaves no *.tmp."""
+    dataset leaves that dataset as it was: the .bin/.idx are written as *.tmp-<pid> and renamed
+    in by the last step (megatron-core's builder writes both in place, and the new .bin then sat
+    beside the old .idx). The rerun that completes replaces the pair and leaves no *.tmp-<pid>."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from megatron_patch.data import _preprocess
@@ -275,7 +275,7 @@ def test_failed_rerun_leaves_the_earlier_dataset(tmp_path, monkeypatch):
     ds = IndexedDataset(prefix + "_text_document")
     assert len(ds) == s["documents"] == 3 * len(texts)
     assert ds[0].tolist() == tok.encode_batch([texts[0] + " again"])[0] + [tok.eod]
-    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".tmp")]
+    assert not [f for f in os.listdir(tmp_path / "out") if ".tmp" in f]
 
 
 def _load_cli(name):

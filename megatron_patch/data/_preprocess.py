@@ -76,7 +76,7 @@ def make_builder(bin_path: str, dtype):
     compact arrays, and ``finalize`` writing the same bytes as megatron-core's but with numpy
     (megatron-core builds a Python list of every sequence pointer, ~40 bytes per document).
 
-    The ``.bin`` and ``.idx`` are written as ``*.tmp`` files and renamed into place by
+    The ``.bin`` and ``.idx`` are written as ``*.tmp-<pid>`` files and renamed into place by
     ``finalize`` (an existing ``.idx`` removed first): a run that dies part way leaves an earlier
     dataset of the same prefix as it was, and no moment shows a new ``.bin`` beside an old
     ``.idx`` (megatron-core writes both in place)."""
@@ -84,10 +84,10 @@ def make_builder(bin_path: str, dtype):
 
     class LeanIndexedDatasetBuilder(IndexedDatasetBuilder):
         def __init__(self, path, dt):
-            self.final_bin = path
-            super().__init__(path + ".tmp", dtype=dt)
+            self.final_bin, self.tmp = path, f".tmp-{os.getpid()}"  # (two runs never share one)
+            super().__init__(path + self.tmp, dtype=dt)
             self.data_file.close()
-            self.data_file = open(path + ".tmp", "wb", buffering=1 << 24)
+            self.data_file = open(path + self.tmp, "wb", buffering=1 << 24)
             self.sequence_lengths = array("i")
             self.document_indices = array("q", [0])
 
@@ -107,7 +107,7 @@ def make_builder(bin_path: str, dtype):
             pointers = np.zeros(len(lengths), dtype=np.int64)
             if len(lengths) > 1:
                 np.cumsum(lengths[:-1].astype(np.int64) * DType.size(self.dtype), out=pointers[1:])
-            with _IndexWriter(idx_path + ".tmp", self.dtype) as writer:
+            with _IndexWriter(idx_path + self.tmp, self.dtype) as writer:
                 import struct
 
                 f = writer.idx_writer
@@ -118,8 +118,8 @@ def make_builder(bin_path: str, dtype):
                 f.write(docs.tobytes(order="C"))
             if os.path.exists(idx_path):
                 os.remove(idx_path)  # an old pair: its index goes first, then both are replaced
-            os.replace(self.final_bin + ".tmp", self.final_bin)
-            os.replace(idx_path + ".tmp", idx_path)
+            os.replace(self.final_bin + self.tmp, self.final_bin)
+            os.replace(idx_path + self.tmp, idx_path)
 
     return LeanIndexedDatasetBuilder(bin_path, dtype)
 
