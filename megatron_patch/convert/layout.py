@@ -13,6 +13,7 @@ complete before the tracker file (itself replaced atomically) points at it.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -66,12 +67,16 @@ def has_checkpoint(root: Optional[str]) -> bool:
     return bool(root) and os.path.isfile(os.path.join(root, TRACKER))
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_file(path: str):
+    """A binary file object whose contents appear at ``path`` only when the block ends without
+    an error (a temporary file beside it, synced and renamed in); otherwise ``path`` is left as
+    it was and the temporary file is removed."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -79,6 +84,11 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:

@@ -4,12 +4,10 @@ Each is applied on every device; each names the line of megatron-core 0.16.1 it 
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import os
 import types
-import uuid
 
 import numpy
 import torch
@@ -75,18 +73,13 @@ class _AtomicSaveNumpy(types.ModuleType):
     def save(file, arr, allow_pickle=True, **kwargs):
         if not isinstance(file, (str, os.PathLike)):
             return numpy.save(file, arr, allow_pickle=allow_pickle, **kwargs)
+        from megatron_patch.convert.layout import atomic_file
+
         path = os.fspath(file)
         if not path.endswith(".npy"):
             path += ".npy"  # numpy.save's own rule for a path
-        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, "wb") as f:
-                numpy.save(f, arr, allow_pickle=allow_pickle, **kwargs)
-            os.replace(tmp, path)  # the cache file is complete or absent, never partial
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
+        with atomic_file(path) as f:  # the cache file is complete or absent, never partial
+            numpy.save(f, arr, allow_pickle=allow_pickle, **kwargs)
 
     def __getattr__(self, name):
         return getattr(numpy, name)
