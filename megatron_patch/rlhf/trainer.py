@@ -271,6 +271,14 @@ def _width(role: Role, mask: torch.Tensor, seq: int) -> int:
     return min(seq, max(1, -(-need // unit) * unit))
 
 
+def _padding_bias(logits: torch.Tensor, first: int) -> torch.Tensor:
+    """[v] for ``logits`` [..., v]: 0 before column ``first``, the dtype's minimum from it on.
+    (``x + min`` stays finite for any |x| < 1e31; exp of it after the max shift is 0.)"""
+    bias = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+    bias[first:] = torch.finfo(logits.dtype).min
+    return bias
+
+
 def _token_logprobs(model, tokens, position_ids, entropy: Optional[str] = None,
                     vocab_limit: Optional[int] = None, mask: Optional[torch.Tensor] = None):
     """The negative log-likelihood -log p(tokens[:, t+1] | tokens[:, :t+1]) per position, [b, s]
@@ -311,8 +319,15 @@ def _token_logprobs(model, tokens, position_ids, entropy: Optional[str] = None,
     tp = parallel_state.get_tensor_model_parallel_world_size()
     start = parallel_state.get_tensor_model_parallel_rank() * width
     if vocab_limit is not None and start + width > vocab_limit:
-        # in place on the padding columns only (their gradient becomes 0): exp() -> exactly 0
-        logits[..., max(vocab_limit - start, 0):] = torch.finfo(logits.dtype).min
+        # the padding columns at the dtype's minimum: exp() -> exactly 0, and so is their gradient
+        first = max(vocab_limit - start, 0)
+        if logits.requires_grad:
+            # +0 leaves every other logit as it is. Not the in-place fill: its backward copies the
+            # whole gradient and rebuilds it through as_strided (two more passes over
+            # [positions, vocabulary] per training step)
+            logits = logits + _padding_bias(logits, first)
+        else:
+            logits[..., first:] = torch.finfo(logits.dtype).min
     ent = None
     if tp == 1 and entropy is None:
         nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
