@@ -101,25 +101,30 @@ def load_for_generation(ckpt: str, *, tp: int = 1, pp: int = 1, model_size: str 
         raise GenerationSetupError(f"{world} processes do not split into TP={tp} x PP={pp} model "
                                    "replicas: start a multiple of TP*PP ranks")
     c_tp, c_pp, c_ep = _checkpoint_layout(ckpt, arch.config["num_layers"], n_exp)
+    # Generation holds every expert on each rank (EP=1): the ranks beyond TP x PP are independent
+    # data-parallel replicas that decode different prompts for different numbers of steps, while
+    # expert parallelism needs every rank of its group in each forward. An EP>1 checkpoint is
+    # regathered into a temporary copy.
+    ep = 1
     root = ckpt
-    if (c_tp, c_pp) != (tp, pp):
-        root = _resharded(ckpt, tp, pp, c_ep, log)
+    if (c_tp, c_pp, c_ep) != (tp, pp, ep):
+        root = _resharded(ckpt, tp, pp, ep, log)
         iteration = layout.read_tracker(root)
         meta = layout.read_meta(root) or meta  # the vocabulary may be re-padded for the new TP
     if ps.model_parallel_is_initialized():
         if (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
-                ps.get_expert_model_parallel_world_size()) != (tp, pp, c_ep):
+                ps.get_expert_model_parallel_world_size()) != (tp, pp, ep):
             ps.destroy_model_parallel()
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tp, pp, expert_model_parallel_size=c_ep)
+        ps.initialize_model_parallel(tp, pp, expert_model_parallel_size=ep)
     model_parallel_cuda_manual_seed(seed)
-    cfg = transformer_config(arch, tp=tp, pp=pp, ep=c_ep, precision=precision,
+    cfg = transformer_config(arch, tp=tp, pp=pp, ep=ep, precision=precision,
                              sequence_parallel=tp > 1 and n_exp > 0)
     padded = int(meta.get("padded_vocab_size") or arch.model["vocab_size"])
     model = build_gpt_model(arch, cfg, vocab_size=padded, flash=flash, inference=inference).eval()
     load.load_rank(model, root, tp_rank=ps.get_tensor_model_parallel_rank(),
                    pp_rank=ps.get_pipeline_model_parallel_rank(), pp_size=pp,
-                   ep_rank=ps.get_expert_model_parallel_rank(), ep_size=c_ep, iteration=iteration)
+                   ep_rank=ps.get_expert_model_parallel_rank(), ep_size=ep, iteration=iteration)
     vocab = int(meta.get("original_vocab_size") or hf_config.get("vocab_size") or padded)
     max_pos = hf_config.get("max_position_embeddings") or hf_config.get("seq_length")
     return LoadedModel(model, fam.name, hf_config, min(vocab, padded), padded,

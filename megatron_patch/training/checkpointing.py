@@ -89,6 +89,24 @@ def _rank_coords():
             parallel_state.get_data_parallel_rank())
 
 
+def _ep_coords():
+    """(expert-parallel rank, size, whether this rank writes its legacy rank file). With EP > 1 every
+    expert-parallel rank holds other experts: the writers are the expert-data-parallel rank 0s (one
+    per TP x PP x EP coordinate, Megatron-LM's rule), else the data-parallel rank 0s."""
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    if ep == 1:
+        return 0, 1, parallel_state.get_data_parallel_rank() == 0
+    return (parallel_state.get_expert_model_parallel_rank(), ep,
+            parallel_state.get_expert_data_parallel_rank() == 0)
+
+
+def _legacy_rank_dir(d: str, tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0,
+                     ep_size: int = 1) -> str:
+    """``mp_rank_TT[_PPP]`` plus Megatron-LM's ``_EEE`` suffix for expert-parallel ranks."""
+    name = layout.rank_dirname(tp_rank, pp_rank, pp_size)
+    return os.path.join(d, name if ep_size == 1 else f"{name}_{ep_rank:03d}")
+
+
 def _model_key(i: int, n: int) -> str:
     return "model" if n == 1 else f"model{i}"
 
@@ -123,19 +141,25 @@ def save_checkpoint(root: str, iteration: int, model: List[torch.nn.Module], opt
     }
     tp_rank, pp_rank, pp_size, dp_rank = _rank_coords()
     if ckpt_format == "legacy":
+        ep_rank, ep_size, writer = _ep_coords()
         sd = dict(common)
         for i, chunk in enumerate(model):
             sd[_model_key(i, len(model))] = unwrap(chunk).state_dict()
         if optimizer is not None:
             sd["optimizer"] = optimizer.state_dict()
         sd["rng_state"] = rng_state()
-        rank_dir = os.path.join(partial, layout.rank_dirname(tp_rank, pp_rank, pp_size))
+        rank_dir = _legacy_rank_dir(partial, tp_rank, pp_rank, pp_size, ep_rank, ep_size)
         if optimizer is not None and _is_distributed_optimizer(optimizer):
+            # each chained optimizer (dense, experts) gathers on rank 0 of its own DP group
             states = [o.get_parameter_state_dp_zero() if hasattr(o, "get_parameter_state_dp_zero")
                       else None for o in _chained(optimizer)]
-            if dp_rank == 0:
+            if not writer and any(s is not None for s in states):
+                raise CheckpointError(
+                    f"rank {dist.get_rank()} holds distributed-optimizer state but writes no rank "
+                    "file (unexpected data/expert parallel group order)")
+            if writer:
                 layout.atomic_torch_save(states, os.path.join(rank_dir, "distrib_optim.pt"))
-        if dp_rank == 0:
+        if writer:
             layout.atomic_torch_save(sd, os.path.join(rank_dir, "model_optim_rng.pt"))
     elif ckpt_format == "torch_dist":
         sharded = dict(common)
@@ -202,13 +226,16 @@ def load_checkpoint(root: str, model: List[torch.nn.Module], optimizer, schedule
     d = os.path.join(root, layout.iter_dirname(iteration))
     tp_rank, pp_rank, pp_size, dp_rank = _rank_coords()
     if fmt == "legacy":
-        path = os.path.join(d, layout.rank_dirname(tp_rank, pp_rank, pp_size), "model_optim_rng.pt")
+        ep_rank, ep_size, writer = _ep_coords()
+        path = os.path.join(_legacy_rank_dir(d, tp_rank, pp_rank, pp_size, ep_rank, ep_size),
+                            "model_optim_rng.pt")
         if not os.path.isfile(path):
             meta = layout.read_meta(root)
             raise CheckpointError(
                 f"{path} is missing: the checkpoint was saved with TP={meta.get('tensor_model_parallel_size', '?')} "
-                f"PP={meta.get('pipeline_model_parallel_size', '?')}; legacy checkpoints load at the "
-                "same TP/PP (use --ckpt-format torch_dist, or reshard with the converter)")
+                f"PP={meta.get('pipeline_model_parallel_size', '?')} "
+                f"EP={meta.get('expert_model_parallel_size', 1)}; legacy checkpoints load at the "
+                "same TP/PP/EP (use --ckpt-format torch_dist, or reshard with the converter)")
         sd = layout.safe_load(path)
         for i, chunk in enumerate(model):
             _load_model_state(chunk, sd[_model_key(i, len(model))])
@@ -216,7 +243,7 @@ def load_checkpoint(root: str, model: List[torch.nn.Module], optimizer, schedule
             optimizer.load_state_dict(sd["optimizer"])
             if _is_distributed_optimizer(optimizer):
                 dpath = os.path.join(os.path.dirname(path), "distrib_optim.pt")
-                states = layout.safe_load(dpath) if dp_rank == 0 else None
+                states = layout.safe_load(dpath) if writer else None
                 with torch.no_grad():  # fp32 main params are views of leaf parameters
                     for j, o in enumerate(_chained(optimizer)):
                         if hasattr(o, "load_parameter_state_from_dp_zero"):
@@ -288,7 +315,8 @@ def resharded_copy(ckpt: str, tp: int, pp: int, ep: int = 1, log=print_rank_0) -
         tmp = tempfile.mkdtemp(prefix="mp_reshard_")
         atexit.register(shutil.rmtree, tmp, True)
         box = [os.path.join(tmp, "ckpt")]
-        log(f"> {ckpt} is not at TP={tp} PP={pp}: resharding a copy into {box[0]}")
+        log(f"> {ckpt} is not at TP={tp} PP={pp}{f' EP={ep}' if ep > 1 else ''}: "
+            f"resharding a copy into {box[0]}")
         engine.reshard(ckpt, box[0], tp=tp, pp=pp, ep=ep, log=lambda *a: None)
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)
@@ -359,9 +387,22 @@ def load_weights_only(path: str, model: List[torch.nn.Module], tolerate: Optiona
     if fmt == "legacy":
         ckpt_tp = _legacy_tp_size(d)
         run_tp = parallel_state.get_tensor_model_parallel_world_size()
-        if ckpt_tp and ckpt_tp != run_tp:  # another TP: a resharded copy (conversion engine)
-            target = resharded_copy(path, run_tp, pp_size)
+        meta = layout.read_meta(path)
+        ckpt_ep = int(meta.get("expert_model_parallel_size") or 1)
+        ep_rank, run_ep, _ = _ep_coords()
+        ckpt_pp = int(meta.get("pipeline_model_parallel_size") or 1)
+        if (ckpt_tp and ckpt_tp != run_tp) or ckpt_ep != run_ep or \
+                (run_ep > 1 and ckpt_pp != pp_size):
+            # another TP or EP layout: a resharded copy (conversion engine)
+            target = resharded_copy(path, run_tp, pp_size, run_ep)
             return load_weights_only(target, model, tolerate)
+        if run_ep > 1:
+            f = os.path.join(_legacy_rank_dir(d, tp_rank, pp_rank, pp_size, ep_rank, run_ep),
+                             "model_optim_rng.pt")
+            sd = layout.safe_load(f)
+            for i, chunk in enumerate(model):
+                _load_model_state(chunk, sd[_model_key(i, len(model))], tolerate=tolerate)
+            return
         ckpt_pp = _legacy_pp_size(d, tp_rank)
         f = os.path.join(d, layout.rank_dirname(tp_rank, pp_rank, pp_size), "model_optim_rng.pt")
         if ckpt_pp is None:

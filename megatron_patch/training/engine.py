@@ -501,6 +501,7 @@ def write_checkpoint_meta(root: str, arch: MegatronArch, args, tokenizer, padded
         "tensor_model_parallel_size": args.tensor_model_parallel_size,
         "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
         "virtual_pipeline_model_parallel_size": args.virtual_pipeline_model_parallel_size,
+        "expert_model_parallel_size": args.expert_model_parallel_size,
         "padded_vocab_size": padded,
         "original_vocab_size": original_vocab,
         "make_vocab_size_divisible_by": args.make_vocab_size_divisible_by,
@@ -524,15 +525,22 @@ def copy_tokenizer_files(src: str, dst: str) -> None:
 
 
 def print_banner(args, arch, model) -> None:
-    n = sum(p.numel() for m in model for p in m.parameters())
+    # dense parameters are replicated over data parallel; expert-parallel ones (allreduce=False)
+    # only over expert data parallel
+    dense = sum(p.numel() for m in model for p in m.parameters() if getattr(p, "allreduce", True))
+    expert = sum(p.numel() for m in model for p in m.parameters()
+                 if not getattr(p, "allreduce", True))
     # NCCL reduces device tensors only; gloo takes CPU ones (platform.current_device is either).
-    total = torch.tensor([n], dtype=torch.long, device=platform.current_device())
-    dist.all_reduce(total)
-    total = total.item() // parallel_state.get_data_parallel_world_size()
+    counts = torch.tensor([dense, expert], dtype=torch.long, device=platform.current_device())
+    dist.all_reduce(counts)
+    total = (counts[0].item() // parallel_state.get_data_parallel_world_size()
+             + counts[1].item() // parallel_state.get_expert_data_parallel_world_size())
+    ep = parallel_state.get_expert_model_parallel_world_size()
     print_rank_last(
         f"> {arch.family} model: {arch.config['num_layers']} layers, hidden "
         f"{arch.config['hidden_size']}, {total:,} parameters | TP={args.tensor_model_parallel_size} "
         f"PP={args.pipeline_model_parallel_size} DP={args.data_parallel_size} "
+        f"{'EP=' + str(ep) + ' ' if ep > 1 else ''}"
         f"{'VPP=' + str(args.virtual_pipeline_model_parallel_size) + ' ' if args.virtual_pipeline_model_parallel_size else ''}"
         f"| {args.precision} | {platform.device_type()} | micro batch {args.micro_batch_size}, "
         f"global batch {args.global_batch_size} ({args.num_microbatches} microbatches)")
