@@ -40,6 +40,7 @@ from megatron_patch.platform import free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EX = os.path.join(ROOT, "examples")
 FAMILIES = ["llama", "bloom", "falcon", "glm", "galactica", "qwen2", "mistral"]
+SCRIPT_FAMILIES = FAMILIES + ["mixtral"]  # every family's launch scripts (cheap checks)
 RLHF = os.path.join(EX, "rlhf")
 STEP3 = ["llama2/run_7b_7b.sh", "llama2/run_13b_13b.sh", "llama2/run_70b_70b.sh",
          "bloom/run_7b1_7b1.sh"]
@@ -54,7 +55,7 @@ SCRIPT_ENV = DLC_VARS + [
     "MEGATRON_PATCH_PATH", "POLICY_LOAD", "REWARD_LOAD", "REWARD_LOAD_ITERATION", "exp_name",
     "NUM_DEVICE", "BF16", "GENERATION_BATCH_SIZE", "TRAIN_MICRO_BATCH_SIZE",
     "TRAIN_GLOBAL_BATCH_SIZE", "NUM_PPO_EPISODE", "SAMPLE_PER_EPISODE", "SAVE_EPISODE_INTERVAL",
-    "CONFIG_DIR", "TORCHELASTIC_RUN_ID"]
+    "CONFIG_DIR", "TORCHELASTIC_RUN_ID", "EP"]
 # per-iteration / per-episode timings differ between any two runs (and time_*_s of RLHF episodes)
 TIMINGS = {"iteration_time_s", "tokens_per_s", "tflops_per_gpu"}
 
@@ -444,9 +445,10 @@ def _all_env_scripts(tmp):
           "0", "1.0", "1.0"]
     pt = ["-", "-", "tiny", "1", "2", "1e-3", "1e-4", "32", "0", "fp32", "1", "1", "none",
           "false", "false", "false", "1", "data", "none", "64", "0", out]
-    cases = [("pretrain llama", [_script("pretrain", "llama"), "dlc", *pt], {})]
-    for fam in FAMILIES:
-        cases += [(f"finetune {fam}", [_script("finetune", fam), "dlc", *ft], {}),
+    cases = []
+    for fam in SCRIPT_FAMILIES:
+        cases += [(f"pretrain {fam}", [_script("pretrain", fam), "dlc", *pt], {}),
+                  (f"finetune {fam}", [_script("finetune", fam), "dlc", *ft], {}),
                   (f"evaluate {fam}", [_script("evaluate", fam), "dlc", *ev], {}),
                   (f"text_generation {fam}", [_script("text_generation", fam), "dlc", *tg], {})]
     tut = dict(ENV="dlc", MODEL_SIZE="tiny", LOAD_PATH="none", TOKENIZER_MODEL="tok",
@@ -470,8 +472,9 @@ def test_every_env_script_is_listed():
             p = os.path.join(d, f)
             if f.endswith(".sh") and "common" not in os.path.basename(d) and f != "common.sh":
                 text = open(p).read()
-                if any(w in text for w in ("mp_finetune", "mp_evaluate", "mp_text_generation",
-                                           "mp_launcher", "rlhf_run ", "rlhf3_run ")):
+                if any(w in text for w in ("mp_pretrain", "mp_finetune", "mp_evaluate",
+                                           "mp_text_generation", "mp_launcher", "rlhf_run ",
+                                           "rlhf3_run ")):
                     found.add(os.path.relpath(p, EX))
     listed = {os.path.relpath(c[1][0], EX) for c in _all_env_scripts(Path("/x"))}
     assert found == listed, (found - listed, listed - found)

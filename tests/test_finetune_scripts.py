@@ -27,7 +27,7 @@ import pytest
 from data_fixtures import chatterbot_dialogs, llama_model, train_bpe_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = ["llama", "bloom", "falcon", "glm", "galactica", "qwen2", "mistral"]
+FAMILIES = ["llama", "bloom", "falcon", "glm", "galactica", "qwen2", "mistral", "mixtral"]
 TUTORIALS = {"step1_sft/llama2_sft.sh": ["MODEL_SIZE", "LOAD_PATH", "TOKENIZER_MODEL",
                                          "DATASET_PATH"],
              "step2_reward/llama2_reward.sh": ["LOAD_PATH", "TOKENIZER_MODEL", "DATASET_PATH"],
@@ -39,7 +39,7 @@ SCRIPT_ENV = ["TASK", "TOKENIZER_PATH", "TOKENIZER_MODEL", "VOCAB_FILE", "GLOBAL
               "PACKING", "REWARD_MARGIN", "SAVE_INTERVAL", "NPROC_PER_NODE", "EXTRA_ARGS",
               "MODEL_SIZE", "LOAD_PATH", "DATASET_PATH", "VALID_DATASET_PATH", "OUTPUT_DIR", "ENV",
               "TP", "PP", "BATCH_SIZE", "EPOCHS", "LR", "MIN_LR", "SEQ_LEN", "PAD_LEN", "PR", "AC",
-              "DO", "FL", "SP", "EXTRA_VOCAB_SIZE", "MEGATRON_PATH", "MEGATRON_PATCH_PATH"]
+              "DO", "FL", "SP", "EXTRA_VOCAB_SIZE", "MEGATRON_PATH", "MEGATRON_PATCH_PATH", "EP"]
 
 
 def _script(kind, family):

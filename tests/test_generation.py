@@ -17,7 +17,7 @@ from tests.workers.convert_cases import CASES, build_hf  # noqa: E402
 
 NEW = 10
 PROMPT_LENS = (3, 9, 5, 12)
-FAMILIES = ["llama", "llama_mqa_tied", "qwen2", "mistral", "glm", "galactica", "bloom",
+FAMILIES = ["llama", "llama_mqa_tied", "qwen2", "mistral", "mixtral", "glm", "galactica", "bloom",
             "falcon_7b", "falcon_40b", "falcon_rw"]
 
 

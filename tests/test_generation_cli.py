@@ -20,7 +20,7 @@ import pytest
 from data_fixtures import tiny_llama_gpt2_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = ["llama", "bloom", "falcon", "glm", "qwen2", "mistral", "galactica"]
+FAMILIES = ["llama", "bloom", "falcon", "glm", "qwen2", "mistral", "galactica", "mixtral"]
 SEQ_LEN, OUT_LEN, IN_LEN = 64, 12, 20
 TEXT_PROMPTS = ["Hello world, this is", "", "The quick brown fox " * 8, "   ",
                 "Megatron says", "A"]

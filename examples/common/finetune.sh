@@ -37,7 +37,8 @@ mp_finetune() {
 environment: TASK (sft | reward, default sft), TOKENIZER_PATH (HF tokenizer folder or sentencepiece
   .model; default: the checkpoint's tokenizer files), GLOBAL_BATCH_SIZE, PACKING (true|false, SFT),
   REWARD_MARGIN (reward, default 0), SAVE_INTERVAL (iterations; default: at the end only),
-  NPROC_PER_NODE (processes per node; default all GPUs, or TP x PP CPU processes), EXTRA_ARGS"
+  EP (expert parallel size of MoE models, default 1), NPROC_PER_NODE (processes per node; default
+  all GPUs, or TP x PP x EP CPU processes), EXTRA_ARGS"
   mp_usage_check 22 "$#" "$usage" "${1:-}"
 
   ENV=$1; MEGATRON_PATH=$2; MEGATRON_PATCH_PATH=$3; MODEL_SIZE=$4; BATCH_SIZE=$5; LR=$6
@@ -46,6 +47,7 @@ environment: TASK (sft | reward, default sft), TOKENIZER_PATH (HF tokenizer fold
   PRETRAIN_CHECKPOINT_PATH=${20}; EPOCH=${21}; OUTPUT_BASEPATH=${22}
   TASK=${TASK:-sft}
   PACKING=${PACKING:-false}
+  EP=${EP:-1}
 
   case "$TASK" in
     sft|reward) ;;
@@ -56,7 +58,11 @@ environment: TASK (sft | reward, default sft), TOKENIZER_PATH (HF tokenizer fold
   mp_recompute "$AC"
 
   mp_paths "$MEGATRON_PATH" "$MEGATRON_PATCH_PATH"
-  mp_launcher "$ENV" $((TP * PP))   # NPROC processes on each of NNODES nodes
+  if ! [[ "$EP" =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: EP must be a positive number, got '$EP'" >&2
+    exit 2
+  fi
+  mp_launcher "$ENV" $((TP * PP * EP))   # NPROC processes on each of NNODES nodes
   # global batch: BATCH_SIZE x data-parallel size (one micro batch per replica, no accumulation)
   # unless GLOBAL_BATCH_SIZE says otherwise
   local dp=$((NPROC * NNODES / (TP * PP)))
@@ -67,6 +73,7 @@ environment: TASK (sft | reward, default sft), TOKENIZER_PATH (HF tokenizer fold
   [ "$DO" = true ] && OPT_ARGS+=(--use-distributed-optimizer)
   [ "$FL" = true ] && OPT_ARGS+=(--use-flash-attn)
   [ "$SP" = true ] && [ "$TP" -gt 1 ] && OPT_ARGS+=(--sequence-parallel)
+  [ "$EP" -gt 1 ] && OPT_ARGS+=(--expert-model-parallel-size "$EP")
   TASK_ARGS=(--task "$TASK")
   [ "$PACKING" = true ] && TASK_ARGS+=(--packing)
   [ "$TASK" = reward ] && TASK_ARGS+=(--reward-margin "${REWARD_MARGIN:-0}")
@@ -86,6 +93,7 @@ environment: TASK (sft | reward, default sft), TOKENIZER_PATH (HF tokenizer fold
 
   NAME="${TASK}-megatron-${family}-${MODEL_SIZE}-lr-${LR}-minlr-${MIN_LR}-bs-${BATCH_SIZE}-gbs-${GLOBAL_BATCH_SIZE}-seqlen-${SEQ_LEN}-padlen-${PAD_LEN}-pr-${PR}-tp-${TP}-pp-${PP}-ac-${AC}-do-${DO}-sp-${SP}-ep-${EPOCH}"
   [ "$PACKING" = true ] && NAME="${NAME}-packing"
+  [ "$EP" -gt 1 ] && NAME="${NAME}-expp-${EP}"
   CHECKPOINT_DIR="${OUTPUT_BASEPATH}/checkpoint/${NAME}"
   TENSORBOARD_DIR="${OUTPUT_BASEPATH}/tensorboard/${NAME}"
   LOG_DIR="${OUTPUT_BASEPATH}/log/${NAME}"
