@@ -19,14 +19,13 @@ import json
 import math
 import os
 import random
-import subprocess
-import sys
 
 import pytest
 
 from data_fixtures import chatterbot_dialogs, llama_model, train_bpe_folder
+from script_helpers import ROOT, clean_env as _env, ok as _ok, only as _only, run as _run, \
+    script as _script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ["llama", "bloom", "falcon", "glm", "galactica", "qwen2", "mistral", "mixtral"]
 TUTORIALS = {"step1_sft/llama2_sft.sh": ["MODEL_SIZE", "LOAD_PATH", "TOKENIZER_MODEL",
                                          "DATASET_PATH"],
@@ -34,38 +33,10 @@ TUTORIALS = {"step1_sft/llama2_sft.sh": ["MODEL_SIZE", "LOAD_PATH", "TOKENIZER_M
              "step1_sft/bloom_sft.sh": ["TOKENIZER_PATH", "MODEL_SIZE", "LOAD_PATH",
                                         "DATASET_PATH"],
              "step2_reward/bloom_reward.sh": ["TOKENIZER_PATH", "LOAD_PATH", "DATASET_PATH"]}
-# variables the scripts read from the environment: the tests set what they need, nothing leaks in
-SCRIPT_ENV = ["TASK", "TOKENIZER_PATH", "TOKENIZER_MODEL", "VOCAB_FILE", "GLOBAL_BATCH_SIZE",
-              "PACKING", "REWARD_MARGIN", "SAVE_INTERVAL", "NPROC_PER_NODE", "EXTRA_ARGS",
-              "MODEL_SIZE", "LOAD_PATH", "DATASET_PATH", "VALID_DATASET_PATH", "OUTPUT_DIR", "ENV",
-              "TP", "PP", "BATCH_SIZE", "EPOCHS", "LR", "MIN_LR", "SEQ_LEN", "PAD_LEN", "PR", "AC",
-              "DO", "FL", "SP", "EXTRA_VOCAB_SIZE", "MEGATRON_PATH", "MEGATRON_PATCH_PATH", "EP"]
-
-
-def _script(kind, family):
-    return os.path.join(ROOT, "examples", family, f"run_{kind}_megatron_{family}.sh")
 
 
 def _tutorial(name):
     return os.path.join(ROOT, "examples", "rlhf", name)
-
-
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in SCRIPT_ENV}
-    env.update(OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", MEGATRON_PATCH_DEVICE="cpu")
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def _run(argv, env=None, cwd=None, timeout=300):
-    return subprocess.run(["bash", *argv], capture_output=True, text=True, env=env or _env(),
-                          cwd=cwd, timeout=timeout)
-
-
-def _ok(r):
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    return r.stdout + r.stderr
 
 
 def _finetune_args(size, bs, seq, pr, tp, train, valid, ckpt, epochs, out, ac="none", do="false",
@@ -77,12 +48,6 @@ def _finetune_args(size, bs, seq, pr, tp, train, valid, ckpt, epochs, out, ac="n
 def _metrics(log_dir):
     with open(os.path.join(log_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
-
-
-def _only(path):
-    items = os.listdir(path)
-    assert len(items) == 1, items
-    return os.path.join(path, items[0])
 
 
 # ------------------------------------------------------------------------------------ cheap checks

@@ -12,52 +12,20 @@ at iteration 4 named after the run, tagged with the family. Mixtral runs with ex
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 
 from data_fixtures import chatterbot_dialogs, train_bpe_folder
+from script_helpers import clean_env as _env, ok as _ok, only as _only, run as _run, \
+    script as _script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ["llama", "bloom", "falcon", "glm", "galactica", "qwen2", "mistral", "mixtral"]
-SCRIPT_ENV = ["TOKENIZER_PATH", "NPROC_PER_NODE", "EXTRA_ARGS", "EP", "TASK", "GLOBAL_BATCH_SIZE",
-              "PACKING", "SAVE_INTERVAL"]
 
 
-def _script(kind, family):
-    return os.path.join(ROOT, "examples", family, f"run_{kind}_megatron_{family}.sh")
-
-
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in SCRIPT_ENV}
-    env.update(OMP_NUM_THREADS="1", TORCHDYNAMO_DISABLE="1", MEGATRON_PATCH_DEVICE="cpu")
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def _run(argv, env=None, cwd=None, timeout=300):
-    r = subprocess.run(["bash", *argv], capture_output=True, text=True, env=env or _env(),
-                       cwd=cwd, timeout=timeout)
-    return r
-
-
-def _ok(r):
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    return r.stdout + r.stderr
-
-
-def _only(path):
-    items = os.listdir(path)
-    assert len(items) == 1, items
-    return os.path.join(path, items[0])
-
-
-def _pretrain_args(data, out, lr="1e-3"):
+def _pretrain_args(data, out):
     # MODEL_SIZE BATCH GBS LR MIN_LR SEQ EXTRA_VOCAB PR TP PP AC DO FL SP SAVE_INTERVAL DATA
     # PRETRAIN_CHECKPOINT TRAIN_TOKENS WARMUP_TOKENS OUTPUT
-    return ["dsw", "-", "-", "tiny", "2", "4", lr, "1e-4", "32", "0", "fp32", "1", "1", "none",
+    return ["dsw", "-", "-", "tiny", "2", "4", "1e-3", "1e-4", "32", "0", "fp32", "1", "1", "none",
             "false", "false", "false", "2", data, "none", "512", "128", str(out)]
 
 

@@ -34,12 +34,18 @@ def iter_dirname(iteration: Optional[int]) -> str:
     return "release" if iteration is None else f"iter_{iteration:07d}"
 
 
-def rank_dirname(tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def rank_dirname(tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0,
+                 ep_size: int = 1) -> str:
+    """Megatron-LM's ``mp_rank_TT[_PPP][_EEE]`` (pipeline rank when PP > 1, expert-parallel rank
+    when EP > 1)."""
+    name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return name if ep_size == 1 else f"{name}_{ep_rank:03d}"
 
 
-def rank_file(root: str, iteration: Optional[int], tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    return os.path.join(root, iter_dirname(iteration), rank_dirname(tp_rank, pp_rank, pp_size),
+def rank_file(root: str, iteration: Optional[int], tp_rank: int, pp_rank: int, pp_size: int,
+              ep_rank: int = 0, ep_size: int = 1) -> str:
+    return os.path.join(root, iter_dirname(iteration),
+                        rank_dirname(tp_rank, pp_rank, pp_size, ep_rank, ep_size),
                         "model_optim_rng.pt")
 
 

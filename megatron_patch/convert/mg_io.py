@@ -29,12 +29,8 @@ TRAINING_ONLY_KEYS = ("optimizer", "opt_param_scheduler", "rng_state", "args", "
 
 def rank_path(root: str, iteration: Optional[int], tp_rank: int, pp_rank: int, pp_size: int,
               ep_rank: int = 0, ep_size: int = 1) -> str:
-    """``layout.rank_file`` plus Megatron-LM's ``_EEE`` suffix for expert-parallel ranks."""
-    path = layout.rank_file(root, iteration, tp_rank, pp_rank, pp_size)
-    if ep_size == 1:
-        return path
-    d, fn = os.path.split(path)
-    return os.path.join(f"{d}_{ep_rank:03d}", fn)
+    """``layout.rank_file``: Megatron-LM's ``_EEE`` suffix for expert-parallel ranks included."""
+    return layout.rank_file(root, iteration, tp_rank, pp_rank, pp_size, ep_rank, ep_size)
 
 
 def save_rank(path: str, state_dict: Dict[str, torch.Tensor], iteration: int = 0) -> None:

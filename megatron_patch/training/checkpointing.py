@@ -100,13 +100,6 @@ def _ep_coords():
             parallel_state.get_expert_data_parallel_rank() == 0)
 
 
-def _legacy_rank_dir(d: str, tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0,
-                     ep_size: int = 1) -> str:
-    """``mp_rank_TT[_PPP]`` plus Megatron-LM's ``_EEE`` suffix for expert-parallel ranks."""
-    name = layout.rank_dirname(tp_rank, pp_rank, pp_size)
-    return os.path.join(d, name if ep_size == 1 else f"{name}_{ep_rank:03d}")
-
-
 def _model_key(i: int, n: int) -> str:
     return "model" if n == 1 else f"model{i}"
 
@@ -148,7 +141,8 @@ def save_checkpoint(root: str, iteration: int, model: List[torch.nn.Module], opt
         if optimizer is not None:
             sd["optimizer"] = optimizer.state_dict()
         sd["rng_state"] = rng_state()
-        rank_dir = _legacy_rank_dir(partial, tp_rank, pp_rank, pp_size, ep_rank, ep_size)
+        rank_dir = os.path.join(partial, layout.rank_dirname(tp_rank, pp_rank, pp_size, ep_rank,
+                                                             ep_size))
         if optimizer is not None and _is_distributed_optimizer(optimizer):
             # each chained optimizer (dense, experts) gathers on rank 0 of its own DP group
             states = [o.get_parameter_state_dp_zero() if hasattr(o, "get_parameter_state_dp_zero")
@@ -227,8 +221,7 @@ def load_checkpoint(root: str, model: List[torch.nn.Module], optimizer, schedule
     tp_rank, pp_rank, pp_size, dp_rank = _rank_coords()
     if fmt == "legacy":
         ep_rank, ep_size, writer = _ep_coords()
-        path = os.path.join(_legacy_rank_dir(d, tp_rank, pp_rank, pp_size, ep_rank, ep_size),
-                            "model_optim_rng.pt")
+        path = layout.rank_file(root, iteration, tp_rank, pp_rank, pp_size, ep_rank, ep_size)
         if not os.path.isfile(path):
             meta = layout.read_meta(root)
             raise CheckpointError(
@@ -390,16 +383,15 @@ def load_weights_only(path: str, model: List[torch.nn.Module], tolerate: Optiona
         meta = layout.read_meta(path)
         ckpt_ep = int(meta.get("expert_model_parallel_size") or 1)
         ep_rank, run_ep, _ = _ep_coords()
-        ckpt_pp = int(meta.get("pipeline_model_parallel_size") or 1)
         if (ckpt_tp and ckpt_tp != run_tp) or ckpt_ep != run_ep or \
-                (run_ep > 1 and ckpt_pp != pp_size):
-            # another TP or EP layout: a resharded copy (conversion engine)
+                (run_ep > 1 and int(meta.get("pipeline_model_parallel_size") or 1) != pp_size):
+            # another TP or EP layout (or PP, with experts split): a resharded copy (conversion
+            # engine)
             target = resharded_copy(path, run_tp, pp_size, run_ep)
             return load_weights_only(target, model, tolerate)
-        if run_ep > 1:
-            f = os.path.join(_legacy_rank_dir(d, tp_rank, pp_rank, pp_size, ep_rank, run_ep),
-                             "model_optim_rng.pt")
-            sd = layout.safe_load(f)
+        if run_ep > 1:  # this rank's own file: the same TP, PP and EP
+            sd = layout.safe_load(layout.rank_file(path, iteration, tp_rank, pp_rank, pp_size,
+                                                   ep_rank, run_ep))
             for i, chunk in enumerate(model):
                 _load_model_state(chunk, sd[_model_key(i, len(model))], tolerate=tolerate)
             return
