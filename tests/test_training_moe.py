@@ -4,8 +4,10 @@ The tiny Mixtral (4 experts, top-2, dropless) starts from one legacy checkpoint 
 EP=2 (each rank holds 2 experts) must give the EP=1 losses; its legacy checkpoint must hold every
 expert-parallel rank's experts in Megatron-LM's ``mp_rank_TT_EEE`` folders (the trainer once wrote
 only data-parallel rank 0's file, silently dropping half of the experts); a stop-and-resume at EP=2
-with the distributed optimizer must reproduce the uninterrupted losses bit for bit; the converter
-must read the EP=2 checkpoint back into one HF model with all experts.
+with the distributed optimizer must reproduce the uninterrupted losses bit for bit (legacy and
+``torch_dist``); the converter must read the EP=2 checkpoint back into one HF model with all experts;
+a ``torch_dist`` resume at EP=1 of an EP=2 optimizer (two chained optimizers in megatron-core) is a
+one-line error, and --no-load-optim resumes the weights.
 """
 import json
 import os
@@ -13,7 +15,7 @@ import os
 import pytest
 import torch
 
-from megatron_patch.launch import launch_local
+from megatron_patch.launch import WorkerError, launch_local
 
 COMMON = ["-m", "megatron_patch.training.pretrain", "--model-family", "mixtral",
           "--model-size", "tiny", "--mock-data", "--vocab-size", "256", "--seq-length", "32",
@@ -121,3 +123,23 @@ def test_ep2_checkpoint_starts_ep2_and_ep1_runs_alike(moe):
     assert len(got[1]) == 3
     for x, y in zip(got[2], got[1]):
         assert abs(x - y) <= 1e-5 * abs(y), got
+
+
+def test_ep2_torch_dist_resume_is_exact_and_ep1_optimizer_is_refused(moe):
+    tmp, init, runs = moe
+    ref = runs["ep2"][0]
+    ck = os.path.join(tmp, "ep2_dist", "ckpt")
+    log = os.path.join(tmp, "ep2_dist", "log")
+    argv = COMMON + ["--train-iters", "5", "--pretrained-checkpoint", init,
+                     "--use-distributed-optimizer", "--ckpt-format", "torch_dist",
+                     "--log-dir", log, "--save", ck, "--load", ck, "--save-interval", "3"]
+    launch_local(argv + ["--expert-model-parallel-size", "2", "--exit-interval", "3"], 2)
+    # EP=1 has one optimizer where EP=2 had two (dense, experts): refused before any step
+    with pytest.raises(WorkerError) as e:
+        launch_local(argv + ["--expert-model-parallel-size", "1"], 2)
+    errors = {line for line in str(e.value).splitlines() if line.startswith("error:")}
+    assert len(errors) == 1 and "2 chained optimizer(s) (saved at EP=2)" in errors.pop(), \
+        str(e.value)[-3000:]
+    assert open(os.path.join(ck, "latest_checkpointed_iteration.txt")).read().strip() == "3"
+    launch_local(argv + ["--expert-model-parallel-size", "2"], 2)
+    assert losses(log) == ref

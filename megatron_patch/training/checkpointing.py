@@ -249,6 +249,7 @@ def load_checkpoint(root: str, model: List[torch.nn.Module], optimizer, schedule
                   if not k.startswith("model") and k not in ("optimizer", "rng_state")}
     else:
         if optimizer is not None and load_optim:
+            _check_optimizer_layout(root, d, optimizer)
             for o in _chained(optimizer):
                 if hasattr(o, "_init_optimizer_states_with_dummy_values"):
                     o._init_optimizer_states_with_dummy_values()
@@ -276,6 +277,27 @@ def load_checkpoint(root: str, model: List[torch.nn.Module], optimizer, schedule
         scheduler.load_state_dict(common["opt_param_scheduler"])
     common["iteration"] = iteration or 0
     return common
+
+
+def _check_optimizer_layout(root: str, d: str, optimizer) -> None:
+    """megatron-core keeps expert-parallel parameters in an optimizer of their own (EP > 1), so a
+    MoE run's optimizer is one or two chained optimizers, and its ``torch_dist`` keys carry a
+    ``chained_<i>.`` prefix only in the second case: a checkpoint saved with one layout does not
+    load into the other (a bare KeyError deep in dist_checkpointing). Say so, with the ways out."""
+    keys = [k for k in dist_checkpointing.load_tensors_metadata(d) if ".state." in k]
+    if not keys:
+        return
+    saved = len({k.split(".", 1)[0] for k in keys if k.startswith("chained_")}) or 1
+    have = len(_chained(optimizer))
+    if saved != have:
+        meta = layout.read_meta(root)
+        raise CheckpointError(
+            f"{d} holds the state of {saved} chained optimizer(s) (saved at EP="
+            f"{meta.get('expert_model_parallel_size', '?')}), this run has {have} (EP="
+            f"{parallel_state.get_expert_model_parallel_world_size()}): megatron-core keeps "
+            "expert-parallel parameters in their own optimizer only when EP > 1. Resume at EP > 1 "
+            "if it was saved so (EP = 1 otherwise), or load the weights alone (--no-load-optim, "
+            "or --pretrained-checkpoint in a new run)")
 
 
 def _prime(opt) -> None:
