@@ -91,14 +91,19 @@ def test_ep2_checkpoint_holds_every_expert(moe, tmp_path):
         assert torch.equal(w1, fc1[:ffn]) and torch.equal(w3, fc1[ffn:]), e
 
 
+def _resumable(tmp, name, init, *flags):
+    """The ep2 run's command with a checkpoint every 3 iterations that it also resumes from."""
+    ck, log = os.path.join(tmp, name, "ckpt"), os.path.join(tmp, name, "log")
+    argv = COMMON + ["--train-iters", "5", "--pretrained-checkpoint", init,
+                     "--use-distributed-optimizer", "--log-dir", log, "--save", ck, "--load", ck,
+                     "--save-interval", "3", *flags]
+    return argv, ck, log
+
+
 def test_ep2_resume_is_exact(moe):
     tmp, init, runs = moe
     ref = runs["ep2"][0]
-    ck = os.path.join(tmp, "ep2_resume", "ckpt")
-    log = os.path.join(tmp, "ep2_resume", "log")
-    argv = COMMON + ["--train-iters", "5", "--pretrained-checkpoint", init,
-                     "--expert-model-parallel-size", "2", "--use-distributed-optimizer",
-                     "--log-dir", log, "--save", ck, "--load", ck, "--save-interval", "3"]
+    argv, ck, log = _resumable(tmp, "ep2_resume", init, "--expert-model-parallel-size", "2")
     launch_local(argv + ["--exit-interval", "3"], 2)
     assert open(os.path.join(ck, "latest_checkpointed_iteration.txt")).read().strip() == "3"
     assert sorted(os.listdir(os.path.join(ck, "iter_0000003"))) == \
@@ -128,11 +133,7 @@ def test_ep2_checkpoint_starts_ep2_and_ep1_runs_alike(moe):
 def test_ep2_torch_dist_resume_is_exact_and_ep1_optimizer_is_refused(moe):
     tmp, init, runs = moe
     ref = runs["ep2"][0]
-    ck = os.path.join(tmp, "ep2_dist", "ckpt")
-    log = os.path.join(tmp, "ep2_dist", "log")
-    argv = COMMON + ["--train-iters", "5", "--pretrained-checkpoint", init,
-                     "--use-distributed-optimizer", "--ckpt-format", "torch_dist",
-                     "--log-dir", log, "--save", ck, "--load", ck, "--save-interval", "3"]
+    argv, ck, log = _resumable(tmp, "ep2_dist", init, "--ckpt-format", "torch_dist")
     launch_local(argv + ["--expert-model-parallel-size", "2", "--exit-interval", "3"], 2)
     # EP=1 has one optimizer where EP=2 had two (dense, experts): refused before any step
     with pytest.raises(WorkerError) as e:
