@@ -209,6 +209,71 @@ def test_env_substitution(tmp_path):
         os.environ.update(old)
 
 
+def test_substitution_edge_cases(tmp_path):
+    """Empty variables take the default (as the shell's ${X:-d}, and the step 1/2 scripts);
+    zero-padded numbers are decimal (an iteration copied from iter_0001000), not YAML 1.1
+    octal; defaults nest and may hold '}' inside a nested reference; $${ is a literal ${."""
+    base = BASE.replace("tensor_model_parallel_size: 2", "tensor_model_parallel_size: ${TP:2}")
+    base += "save: ${OUT:/out}/policy\nrun_name: ${NAME:${USER_NAME:anon}}-run\n"
+    rw = MODELS["reward_inference.yaml"].replace("load_iteration: 3",
+                                                 "load_iteration: ${IT:0000900}")
+    path = make(tmp_path, base_yaml=base, reward_inference_yaml=rw)
+    cfg = load_config(str(path), env={"TP": "", "OUT": "", "IT": "0001000"})
+    ref = cfg.models["reference"]
+    assert ref.values["tensor_model_parallel_size"] == 2 and ref.values["save"] == "/out/policy"
+    assert cfg.models["reward_ref"].rlhf_values()["load_iteration"] == 1000  # not 512
+    assert ref.values["run_name"] == "anon-run"
+    cfg = load_config(str(path), env={"USER_NAME": "kim"})
+    assert cfg.models["reference"].values["run_name"] == "kim-run"
+    assert cfg.models["reward_ref"].rlhf_values()["load_iteration"] == 900  # the default
+    assert cfg.models["reference"].values["tensor_model_parallel_size"] == 2
+    # plain YAML values follow the same rules
+    write(tmp_path, "reference.yaml", "includes: [base.yaml]\nload: /x\nload_iteration: 0000012\n"
+                                      "lr: 1e-5\nrun_name: 1:30\n")
+    ref = load_config(str(path), env={}).models["reference"]
+    assert ref.rlhf_values()["load_iteration"] == 12 and ref.values["lr"] == 1e-5
+    assert ref.values["run_name"] == "1:30"  # not sexagesimal 90
+    # a whole-value reference is a scalar, never YAML: ' #' is not a comment there
+    write(tmp_path, "reference.yaml", "includes: [base.yaml]\nload: ${CKPT}\n"
+                                      "run_name: cost $$5 $${HOME}\n")
+    ref = load_config(str(path), env={"CKPT": "/a #b"}).models["reference"]
+    assert ref.values["load"] == "/a #b" and ref.values["run_name"] == "cost $$5 ${HOME}"
+    for text, expected in (("${CKPT", "unterminated ${CKPT"),
+                           ("${9X}", "'${' not followed by a variable name"),
+                           ("${CKPT:${A}", "unterminated ${CKPT")):
+        write(tmp_path, "reference.yaml", f"includes: [base.yaml]\nload: '{text}'\n")
+        msg = error(path, {"CKPT": "c", "A": "a"})
+        assert msg.startswith(f"{tmp_path / 'reference.yaml'}: load: ") and expected in msg, msg
+
+
+def test_empty_section_header_and_overridden_variables(tmp_path):
+    """An included section survives an empty header over it; a variable named only by a value
+    that a later file overrides need not be set; the errors name the file that set the key."""
+    write(tmp_path, "inc/main.yaml", MAIN.replace("model_config_file: ", "model_config_file: ../"))
+    path = write(tmp_path, "rlhf.yaml", "includes: [inc/main.yaml]\nrlhf:\n  # local\n")
+    for name, text in {"base.yaml": BASE.replace("/tok/tokenizer.model", "${TOKENIZER_MODEL}"),
+                       **{k: v + "tokenizer_model: /my/tok\n" for k, v in MODELS.items()}}.items():
+        write(tmp_path, name, text)
+    cfg = load_config(str(path), env={})
+    assert cfg.rlhf.num_ppo_episode == 10 and cfg.rlhf.data_path == "/data/prompts.jsonl"
+    assert cfg.models["reference"].values["tokenizer_model"] == "/my/tok"
+    write(tmp_path, "reference.yaml", MODELS["reference.yaml"])  # base.yaml's value is used now
+    msg = error(path)
+    assert msg.startswith(f"{tmp_path / 'base.yaml'}: tokenizer_model: ") and \
+        "TOKENIZER_MODEL is not set" in msg
+
+
+def test_null_flag_and_non_utf8(tmp_path):
+    path = make(tmp_path, base_yaml=BASE.replace("bf16: true", "bf16: ${BF16:}"))
+    assert load_config(str(path), env={}).models["reference"].megatron_args().bf16 is False
+    write(tmp_path, "base.yaml", BASE.replace("bf16: true", "bf16: [1]"))
+    msg = error(path)
+    assert msg.count(str(tmp_path / "ppo_policy.yaml")) == 1  # the prefix once
+    (tmp_path / "base.yaml").write_bytes(BASE.encode() + "# \u6ce8\u91ca\n".encode("gbk"))
+    msg = error(path)
+    assert msg.startswith(f"{tmp_path / 'base.yaml'}: not UTF-8 text"), msg
+
+
 def test_includes_override_order_nested_and_cycles(tmp_path):
     write(tmp_path, "sub/arch.yaml", "num_layers: 4\nseq_length: 128\nlr: 1.0e-3\n")
     write(tmp_path, "sub/mid.yaml", "includes: [arch.yaml]\nnum_layers: 6\nlr: 2.0e-3\n")

@@ -139,8 +139,15 @@ def test_refusals_write_nothing(tmp_path, sources):
         ((rm, sft, tmp_path / "t_rm", full),
          f"target {full / 'sft_pred'} already exists and is not empty"),
         ((rm, sft, rm, tmp_path / "t_sft"), f"target {rm}/rw_train is inside SOURCE_RM"),
+        # a target that is a file: refused before the other target's folders are made
+        ((rm, sft, tmp_path / "a_file", tmp_path / "t_sft"),
+         f"cannot create target {tmp_path / 'a_file' / 'rw_train'}: {tmp_path / 'a_file'} is "
+         "not a folder"),
+        ((rm, sft, tmp_path / "a_file" / "deeper", tmp_path / "t_sft"),
+         f"{tmp_path / 'a_file'} is not a folder"),
         ((rm, sft, tmp_path / "t_rm", tmp_path / "t_sft"), None),
     ]
+    (tmp_path / "a_file").write_text("not a folder")
     before = snapshot(str(tmp_path))
     for args, expected in cases[:-1]:
         r = run(*args)

@@ -231,7 +231,9 @@ def bad_rewards(tmp_path, monkeypatch):
         "def boom(prompts, responses, response_ids=None):\n"
         "    raise KeyError('needs a reference answer')\n\n"
         "def scalar(prompts, responses, response_ids=None):\n"
-        "    return 0.5\n")
+        "    return 0.5\n\n"
+        "def words(prompts, responses, response_ids=None):\n"
+        "    return ['high' for _ in responses]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
 
 
@@ -260,6 +262,9 @@ BAD = {
     "reward function returns a scalar": (("policy", "policy_inference.yaml",
                                           {"reward_function": "bad_rewards:scalar"}), {},
                                          "returned 0.5", "one number per response"),
+    "reward function returns words": (("policy", "policy_inference.yaml",
+                                       {"reward_function": "bad_rewards:words"}), {},
+                                      "returned ['high']", "one number per response"),
     "layout larger than the job": (("reward_ref", "reward_inference.yaml",
                                     {"tensor_model_parallel_size": 2}), {},
                                    "models.reward_ref",
@@ -341,6 +346,39 @@ def test_twins_in_their_own_layouts_reach_the_trainer(ws, tmp_path, monkeypatch)
         plan.cleanup()
 
 
+def test_batches_that_do_not_split_over_a_role_are_refused_before_building(ws, tmp_path,
+                                                                           monkeypatch):
+    """The policy at TP=2 (one replica) beside a reward model at TP=1 (two replicas on 2
+    processes): 3 samples an episode cannot be split between the reward model's replicas. The
+    pre-flight says so (the trainer used to find out after loading policy and reference)."""
+    from megatron_patch.rlhf import run
+
+    main = {"includes": [os.path.join(LLAMA2, "rlhf.yaml")], "models": {
+        role: {"model_config_file": _override(str(tmp_path), role, src,
+                                              tensor_model_parallel_size=2)}
+        for role, src in (("ppo_policy", "ppo_policy.yaml"), ("policy", "policy_inference.yaml"),
+                          ("reference", "reference.yaml"))}}
+    with open(tmp_path / "rlhf.yaml", "w") as f:
+        yaml.safe_dump(main, f)
+    for k in SCRIPT_ENV:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in _vars(ws, exp_name="split", NUM_DEVICE="2", TP="1", GENERATION_BATCH_SIZE="1",
+                      TRAIN_MICRO_BATCH_SIZE="1", TRAIN_GLOBAL_BATCH_SIZE="3",
+                      SAMPLE_PER_EPISODE="3").items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(run.RLHFConfigError) as e:
+        run.prepare(str(tmp_path / "rlhf.yaml"), 2, lambda m: None)
+    assert str(e.value).startswith(f"{tmp_path / 'rlhf.yaml'}: rlhf: sample_per_episode 3 must "
+                                   "split into the 2 data-parallel replicas of the reward role")
+    monkeypatch.setenv("SAMPLE_PER_EPISODE", "6")  # 6 splits, a step of 3 on 2 value replicas not
+    with pytest.raises(run.RLHFConfigError) as e:
+        run.prepare(str(tmp_path / "rlhf.yaml"), 2, lambda m: None)
+    assert "train_global_batch_size 3 must be a multiple of train_micro_batch_size x the value " \
+           "role's data-parallel size (1 x 2" in str(e.value)
+    monkeypatch.setenv("TRAIN_GLOBAL_BATCH_SIZE", "6")
+    run.prepare(str(tmp_path / "rlhf.yaml"), 2, lambda m: None).cleanup()
+
+
 def test_bad_config_through_the_script_and_usage(ws, tmp_path):
     script = os.path.join(STEP3, "llama2", "run_7b_7b.sh")
     env = dict(_vars(ws, exp_name="bad"), **TINY)
@@ -361,6 +399,11 @@ def test_bad_config_through_the_script_and_usage(ws, tmp_path):
         assert r.returncode == 2 and "usage:" in r.stdout and "exp_name" in r.stdout
         r = _bash(os.path.join(STEP3, s), "0", "1", cwd=str(tmp_path), **env)
         assert r.returncode == 2 and "at most 1 argument" in r.stderr
+    # NUM_DEVICE (every role's num_device) other than the processes started: the pre-flight
+    # checks the real process count, before torchrun
+    r = _bash(RUN_RLHF, "0", LLAMA2, cwd=str(tmp_path), **dict(env, NUM_DEVICE="8"))
+    assert r.returncode == 2 and "num_device is 8 but this job has 1 process" in r.stderr, r.stderr
+    assert "torchrun" not in r.stdout + r.stderr and not os.path.exists(tmp_path / "output")
     for args in ((), ("-h",), ("0", "x", "y"), ("gpu0",), ("0", str(tmp_path))):
         r = _bash(RUN_RLHF, *args, cwd=str(tmp_path))
         assert r.returncode == 2, (args, r.stderr)

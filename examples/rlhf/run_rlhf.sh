@@ -51,12 +51,13 @@ fi
 mp_bool BF16 "$BF16"
 export NPROC_PER_NODE=$COUNT
 mp_launcher "$ENV" "$COUNT"   # NNODES: 1, or DLC's WORLD_SIZE (then unset for torchrun's children)
-export NUM_DEVICE=${NUM_DEVICE:-$((COUNT * NNODES))}
+WORLD=$((COUNT * NNODES))   # the processes this job starts: what the pre-flight checks against
+export NUM_DEVICE=${NUM_DEVICE:-$WORLD}
 
 # pre-flight: the whole configuration, the checkpoints and the reward function, before torchrun
 # (one error line, exit 2); prints the output folder
-OUT=$(python3 -m megatron_patch.rlhf.run --check --world-size "$NUM_DEVICE" "$CONFIG_DIR/rlhf.yaml")
+OUT=$(python3 -m megatron_patch.rlhf.run --check --world-size "$WORLD" "$CONFIG_DIR/rlhf.yaml")
 mkdir -p "$OUT/log"
-echo "$(basename "$0"): $CONFIG_DIR/rlhf.yaml on devices $DEVICES ($NUM_DEVICE process(es) in all), outputs in $OUT"
+echo "$(basename "$0"): $CONFIG_DIR/rlhf.yaml on devices $DEVICES ($WORLD process(es) in all), outputs in $OUT"
 set -x
 "${LAUNCH[@]}" -m megatron_patch.rlhf.run "$CONFIG_DIR/rlhf.yaml" 2>&1 | tee -a "$OUT/log/console.log"

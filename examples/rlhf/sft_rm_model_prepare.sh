@@ -45,6 +45,10 @@ for ((i = 1; i < ${#PAIRS[@]}; i += 2)); do
   if [ -e "$dst" ] && { [ ! -d "$dst" ] || [ -n "$(ls -A -- "$dst")" ]; }; then
     die "target $dst already exists and is not empty"
   fi
+  up=$(dirname -- "$dst")   # the nearest existing folder above it must be a writable folder
+  while [ ! -e "$up" ] && [ ! -L "$up" ]; do up=$(dirname -- "$up"); done
+  [ -d "$up" ] || die "cannot create target $dst: $up is not a folder"
+  [ -w "$up" ] || [ -e "$dst" ] || die "cannot create target $dst: $up is not writable"
   for v in SOURCE_RM SOURCE_SFT; do
     case "$dst/" in
       "$(realpath -m -- "${!v}")"/*)
@@ -72,4 +76,4 @@ copy_tree() {  # copy_tree SRC DST (DST absent or empty)
 for ((i = 0; i < ${#PAIRS[@]}; i += 2)); do
   copy_tree "${PAIRS[i]}" "${PAIRS[i + 1]}"
 done
-echo "step 3: POLICY_LOAD=$TARGET_SFT/sft_train REWARD_LOAD=$TARGET_RM/rw_train"
+printf 'step 3: POLICY_LOAD=%q REWARD_LOAD=%q\n' "$TARGET_SFT/sft_train" "$TARGET_RM/rw_train"

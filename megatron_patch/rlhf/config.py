@@ -158,35 +158,142 @@ def _typed(value, ftype: str, where: str, key: str):
     return value
 
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::([^}]*))?\}")
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader without the YAML 1.1 number surprises: an integer with leading zeros
+    is decimal (``0001000`` is 1000, not octal 512: iteration numbers are copied from
+    ``iter_0001000``), ``1:30`` is a string (not sexagesimal 90), ``1e-5`` is a float (YAML 1.1
+    reads it as a string) and dates stay strings. Booleans are YAML 1.1's (``true``, ``yes``,
+    ``on``, ...), as in ChatLearn's configs."""
 
 
-def _subst(value, env: Dict[str, str], path: str):
-    if isinstance(value, (dict, list)):
-        return {k: _subst(v, env, path) for k, v in value.items()} if isinstance(value, dict) \
-            else [_subst(v, env, path) for v in value]
-    if not isinstance(value, str) or "${" not in value:
-        return value
+_TAG = "tag:yaml.org,2002:"
+_Loader.yaml_implicit_resolvers = {
+    c: [(t, rx) for t, rx in rs if t not in (_TAG + "int", _TAG + "float", _TAG + "timestamp")]
+    for c, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_TAG + "int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    _TAG + "float", re.compile(r"^(?:[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+                               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
 
-    def get(m):
-        _check(m.group(1) in env or m.group(2) is not None, f"{path}: environment variable "
-               f"{m.group(1)} is not set (${{{m.group(1)}}} has no default)")
-        return env.get(m.group(1), m.group(2))
-    whole = _VAR.fullmatch(value)
-    if not whole:
-        return _VAR.sub(get, value)
-    text = get(whole)
+
+def _construct_int(loader, node):
+    text = loader.construct_scalar(node)
+    if re.fullmatch(r"[-+]?[0-9]+", text):
+        return int(text, 10)
+    return yaml.SafeLoader.construct_yaml_int(loader, node)  # an explicit !!int 0x1f
+
+
+_Loader.add_constructor(_TAG + "int", _construct_int)
+
+
+def _yaml_load(stream):
+    return yaml.load(stream, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
+
+
+def _scalar(text: str):
+    """A substituted whole value as the YAML scalar it spells (int, float, bool, null, or the
+    string itself), without parsing it as YAML (no comments, flow collections, anchors, tags)."""
+    loader = _Loader("")
     try:
-        parsed = yaml.safe_load(text)
-    except yaml.YAMLError:
-        parsed = text
-    return text if isinstance(parsed, (dict, list)) else parsed
+        tag = loader.resolve(yaml.ScalarNode, text, (True, False))
+        return text if tag == _TAG + "str" else loader.construct_object(yaml.ScalarNode(tag, text))
+    finally:
+        loader.dispose()
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _expand(text: str, env: Dict[str, str], where: str, i: int = 0, nested: bool = False):
+    """(expanded text, end index, references) of ``text`` from ``i``: ``${NAME}``,
+    ``${NAME:default}`` (the default may hold ``}`` inside nested references and is itself
+    expanded; a variable set to the empty string takes the default, as the shell's
+    ``${NAME:-default}``), ``$${`` for a literal ``${``. With ``nested``, stops at the ``}`` that
+    closes the enclosing default."""
+    out, refs = [], 0
+    while i < len(text):
+        if text.startswith("$${", i):
+            out.append("${")
+            i += 3
+        elif text.startswith("${", i):
+            m = _NAME.match(text, i + 2)
+            _check(m is not None, f"{where}: '${{' not followed by a variable name in {text!r} "
+                                  "(write $${ for a literal ${)")
+            name, i = m.group(), m.end()
+            default = None
+            if text.startswith(":", i):
+                default, i, _ = _expand(text, env, where, i + 1, nested=True)
+            _check(text.startswith("}", i), f"{where}: unterminated ${{{name} in {text!r}")
+            i += 1
+            value = env.get(name)
+            if not value and default is not None:
+                value = default
+            _check(value is not None, f"{where}: environment variable {name} is not set "
+                                      f"(${{{name}}} has no default)")
+            out.append(value)
+            refs += 1
+        elif nested and text[i] == "}":
+            return "".join(out), i, refs
+        else:
+            j = text.find("$", i + 1)
+            j = len(text) if j < 0 else j
+            if nested:
+                k = text.find("}", i)
+                j = min(j, k) if k >= 0 else j
+            out.append(text[i:j])
+            i = j
+    return "".join(out), i, refs
+
+
+def _subst(value, env: Dict[str, str], where: str):
+    """``value`` with its references expanded; a value that is one reference and nothing else
+    becomes the YAML scalar its text spells (``${TP:2}`` -> 2, ``${X:}`` -> null)."""
+    if not isinstance(value, str) or "$" not in value:
+        return value
+    text, _, _ = _expand(value, env, where)
+    return _scalar(text) if _one_reference(value) else text
+
+
+def _one_reference(value: str) -> bool:
+    """Whether ``value`` is exactly one ``${...}`` reference (its closing brace is the last
+    character)."""
+    m = _NAME.match(value, 2)
+    if m is None:
+        return False
+    i = m.end()
+    if value.startswith(":", i):
+        try:
+            _, i, _ = _expand(value, _AnyEnv(), "", i + 1, nested=True)
+        except RLHFConfigError:
+            return False
+    return i == len(value) - 1 and value[i] == "}"
+
+
+class _AnyEnv(dict):
+    """Every variable set (to 'x'): for scanning the structure of a reference only."""
+    def get(self, key, default=None):
+        return "x"
+
+
+def _subst_tree(data, origins: dict, env: Dict[str, str], default: str, prefix=()):
+    """Substitute every string value of a merged mapping, naming the file that set its key."""
+    if isinstance(data, dict):
+        return {k: _subst_tree(v, origins, env, default, prefix + (k,)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_subst_tree(v, origins, env, default, prefix) for v in data]
+    where = origins.get(prefix, default)
+    return _subst(data, env, f"{where}: {'.'.join(map(str, prefix))}" if prefix else where)
 
 
 def _merge(dst: dict, dorig: dict, src: dict, src_file: str, prefix=()) -> None:
-    """Deep-merge src into dst; dorig maps every key path of dst to the file that set it."""
+    """Deep-merge src into dst; dorig maps every key path of dst to the file that set it. A key
+    with no value (``rlhf:`` followed by nothing, null) over an included mapping keeps it: an
+    empty section header is not a request to drop the included settings."""
     for k, v in src.items():
         p = prefix + (k,)
+        if v is None and isinstance(dst.get(k), dict):
+            continue
         if not (isinstance(v, dict) and isinstance(dst.get(k), dict)):
             for q in [q for q in dorig if q[:len(p)] == p]:
                 del dorig[q]
@@ -196,28 +303,38 @@ def _merge(dst: dict, dorig: dict, src: dict, src_file: str, prefix=()) -> None:
             _merge(dst[k], dorig, v, src_file, p)
 
 
-def _read(path: str, env: Dict[str, str], stack=()):
-    """(merged mapping, {key path: file that set it}) of a YAML file and its includes."""
+def _read(path: str, env: Dict[str, str]):
+    """(merged mapping, {key path: file that set it}) of a YAML file and its includes, with the
+    ``${...}`` references expanded after the merge (a variable that only an overridden value
+    names need not be set)."""
+    data, origins = _read_raw(path, env)
+    return _subst_tree(data, origins, env, os.path.abspath(path)), origins
+
+
+def _read_raw(path: str, env: Dict[str, str], stack=()):
     path = os.path.abspath(path)
     _check(path not in stack, f"{stack[-1] if stack else path}: include cycle: "
            f"{' -> '.join(stack + (path,))}")
     _check(os.path.isfile(path), f"{stack[-1]}: included file {path} does not exist" if stack
            else f"{path}: no such file")
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        with open(path, encoding="utf-8") as f:
+            data = _yaml_load(f)
     except yaml.YAMLError as e:
         raise RLHFConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
+    except UnicodeDecodeError as e:
+        raise RLHFConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     data = {} if data is None else data
     _check(isinstance(data, dict), f"{path}: expected a mapping, got {type(data).__name__}")
-    data = _subst(data, env, path)
     includes = data.pop("includes", None) or []
     includes = [includes] if isinstance(includes, str) else includes
     _check(isinstance(includes, list) and all(isinstance(i, str) for i in includes),
            f"{path}: includes must be a list of file names, got {includes!r}")
+    includes = [_subst(i, env, f"{path}: includes") for i in includes]
     merged, origins = {}, {}
     for inc in includes:
-        sub, sub_origins = _read(os.path.join(os.path.dirname(path), inc), env, stack + (path,))
+        sub, sub_origins = _read_raw(os.path.join(os.path.dirname(path), str(inc)), env,
+                                     stack + (path,))
         _merge(merged, origins, sub, "")
         origins.update(sub_origins)
     _merge(merged, origins, data, path)
@@ -256,6 +373,8 @@ def _argv(values: dict, actions: Dict[str, argparse.Action], where: str) -> List
     argv = []
     for k, v in values.items():
         a, many = actions[k], actions[k].nargs in ("*", "+")
+        if v is None:  # null: the parser's default
+            continue
         if a.nargs == 0:
             _check(isinstance(v, bool), f"{where}: {k}: expected true or false, got {v!r}")
             argv += [a.option_strings[0]] if v == a.const else []
@@ -288,8 +407,9 @@ class RoleConfig:
         where = f"{self.model_config_file} (role {self.name})"
         _check_keys(extra or {}, actions, {}, (), f"{where} megatron_args(extra)")
         vals = {**{k: v for k, v in self.values.items() if k in actions}, **(extra or {})}
+        argv = _argv(vals, actions, where)  # its errors name the file already
         try:
-            return megatron_parser().parse_args(_argv(vals, actions, where))
+            return megatron_parser().parse_args(argv)
         except RLHFConfigError as e:
             raise RLHFConfigError(f"{where}: {e}") from None
 

@@ -132,7 +132,7 @@ def _probe_reward_function(spec: str, where: str) -> None:
                               f"on a probe call {call}") from None
     try:
         ok = len(out) == 1 and [float(x) for x in out]
-    except TypeError:
+    except (TypeError, ValueError):  # no len, or not numbers (float('high'), float(None))
         ok = False
     if not ok:
         raise RLHFConfigError(f"{where}: reward_function {spec} returned {out!r} on a probe call "
@@ -185,6 +185,13 @@ def prepare(path: str, world_size: int, warn: Callable[[str], None],
             raise _err(models[n], f"{shape(a)} does not divide the {world_size} process(es) of "
                                   "this job (every role runs on all of them, in world / (TP x PP) "
                                   "data-parallel replicas)")
+    try:  # the trainer's own check, before any model is built
+        T.check_batch_split(ppo, {**{ROLE_ARGS[n]: a for n, a in args.items()},
+                                  "generation": twins.get("policy"),
+                                  "value_forward": twins.get("reward_forward")
+                                  if "reward_train" in args else None}, world_size)
+    except ArgumentError as e:
+        raise RLHFConfigError(f"{where}: rlhf: {e}") from None
     for twin, of in TWINS.items():
         if twin in twins and of in args and twins[twin].load != args[of].load:
             warn(f"{models[twin].model_config_file}: load {twins[twin].load} is not read: the "

@@ -475,6 +475,33 @@ def check_layouts(role_args: Dict[str, Optional[argparse.Namespace]], world: int
                                 f"{world} processes of this job (every role runs on all of them)")
 
 
+TRAINABLE = ("policy", "value")
+
+
+def check_batch_split(cfg: PPOConfig, role_args: Dict[str, Optional[argparse.Namespace]],
+                      world: int) -> None:
+    """Every role takes an equal share of an episode's samples per data-parallel replica (in
+    whole micro-batches through a pipeline), and a trainable role's optimizer step splits into
+    micro-batches on each replica: an ArgumentError naming the role and the settings otherwise.
+    Checked before anything is built (``run.prepare`` does it in the pre-flight)."""
+    n, micro = cfg.sample_per_episode, cfg.train_micro_batch_size
+    for name, args in role_args.items():
+        if args is None:
+            continue
+        tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+        dp = world // (tp * pp)
+        if n % dp or (pp > 1 and (n // dp) % micro):
+            raise ArgumentError(
+                f"sample_per_episode {n} must split into the {dp} data-parallel replicas of "
+                f"the {name} role (TP={tp} PP={pp} on {world} processes)"
+                + (f" in whole micro-batches of train_micro_batch_size {micro}" if pp > 1 else ""))
+        if name in TRAINABLE and cfg.train_global_batch_size % (micro * dp):
+            raise ArgumentError(
+                f"train_global_batch_size {cfg.train_global_batch_size} must be a multiple of "
+                f"train_micro_batch_size x the {name} role's data-parallel size ({micro} x {dp}: "
+                f"TP={tp} PP={pp} on {world} processes)")
+
+
 class RLHFTrainer:
     def __init__(self, cfg: PPOConfig, policy_args, reward_args=None, value_args=None,
                  reference_args=None, generation_args=None, value_forward_args=None,
@@ -498,6 +525,11 @@ class RLHFTrainer:
         check_layouts({"policy": policy_args, "generation": generation_args,
                        "reference": reference_args, "reward": reward_args, "value": value_args,
                        "value_forward": value_forward_args}, world)
+        check_batch_split(cfg, {
+            "policy": policy_args, "generation": generation_args,
+            "reference": reference_args or policy_args, "reward": reward_args,
+            "value": (value_args or reward_args or policy_args) if cfg.algorithm == "ppo" else None,
+            "value_forward": value_forward_args if cfg.algorithm == "ppo" else None}, world)
         self.reward_fn = load_reward_function(cfg.reward_function) if cfg.reward_function else None
         steps = cfg.num_episodes * cfg.num_training_epoch * (cfg.sample_per_episode //
                                                              cfg.train_global_batch_size)
@@ -572,17 +604,6 @@ class RLHFTrainer:
         if self.old_from_training:
             print_rank_last("> old log-probs: from the first training step of each episode (GRPO, "
                             "one mini-batch per epoch; recompute_old_logprobs: a scoring forward)")
-        n = cfg.sample_per_episode
-        for r in roles:  # every role takes an equal share of the episode's samples per replica
-            if n % r.dp or (r.pp > 1 and (n // r.dp) % cfg.train_micro_batch_size):
-                raise ArgumentError(
-                    f"sample_per_episode {n} must split into the {r.dp} data-parallel replicas of "
-                    f"the {r.name} role" + (f" in whole micro-batches of "
-                                            f"{cfg.train_micro_batch_size}" if r.pp > 1 else ""))
-            if r.trainable and cfg.train_global_batch_size % (cfg.train_micro_batch_size * r.dp):
-                raise ArgumentError(f"train_global_batch_size must be a multiple of "
-                                    f"train_micro_batch_size x the {r.name} role's data parallel "
-                                    f"size ({cfg.train_micro_batch_size} x {r.dp})")
 
     # -- set-up
 
@@ -745,8 +766,15 @@ class RLHFTrainer:
             score = score + exp.pop("rm_values")[torch.arange(len(rows)), last]
         if self.reward_fn is not None:
             responses = [self.tokenizer.detokenize(r) for r in resp_ids]
-            extra = torch.tensor([float(x) for x in self.reward_fn(texts, responses,
-                                                                    response_ids=resp_ids)])
+            out = self.reward_fn(texts, responses, response_ids=resp_ids)
+            try:
+                extra = torch.tensor([float(x) for x in out], dtype=score.dtype)
+            except (TypeError, ValueError):
+                extra = None
+            if extra is None or extra.shape != score.shape:
+                raise RuntimeError(f"reward_function {self.cfg.reward_function} returned "
+                                   f"{str(out)[:200]} for {len(rows)} responses (episode "
+                                   f"{self.episode + 1}); it must return one number per response")
             score = score + extra
         exp["score"] = score
         exp["ended"] = torch.tensor(ended, dtype=torch.float32)
