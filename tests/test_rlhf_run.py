@@ -404,7 +404,8 @@ def test_bad_config_through_the_script_and_usage(ws, tmp_path):
     r = _bash(RUN_RLHF, "0", LLAMA2, cwd=str(tmp_path), **dict(env, NUM_DEVICE="8"))
     assert r.returncode == 2 and "num_device is 8 but this job has 1 process" in r.stderr, r.stderr
     assert "torchrun" not in r.stdout + r.stderr and not os.path.exists(tmp_path / "output")
-    for args in ((), ("-h",), ("0", "x", "y"), ("gpu0",), ("0", str(tmp_path))):
+    for args in ((), ("-h",), ("0", "x", "y"), ("gpu0",), ("0", str(tmp_path)),
+                 ("0,1,0", LLAMA2)):
         r = _bash(RUN_RLHF, *args, cwd=str(tmp_path))
         assert r.returncode == 2, (args, r.stderr)
         assert "usage:" in r.stdout + r.stderr or "error: " in r.stderr, (args, r.stderr)

@@ -38,6 +38,11 @@ if [ ! -f "$CONFIG_DIR/rlhf.yaml" ]; then
   exit 2
 fi
 IFS=, read -r -a DEVICE_LIST <<< "$DEVICES"
+DUP=$(printf '%s\n' "${DEVICE_LIST[@]}" | sort | uniq -d | head -1)
+if [ -n "$DUP" ]; then
+  echo "error: DEVICES lists device $DUP twice ('$DEVICES'): one process per device" >&2
+  exit 2
+fi
 COUNT=${#DEVICE_LIST[@]}
 ENV=${ENV:-dsw}
 
