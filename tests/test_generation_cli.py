@@ -12,6 +12,7 @@ config.json + GPT-2 tokenizer files):
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -55,6 +56,8 @@ def reference(ckpt):
     from megatron_patch.generation import SamplingParams, generate
     from megatron_patch.generation.loader import load_for_generation, load_tokenizer
 
+    from megatron_patch.generation.cli import decode_response
+
     tok = load_tokenizer("-", ckpt)
     lm = load_for_generation(ckpt, log=lambda *a: None)
 
@@ -71,7 +74,7 @@ def reference(ckpt):
             row = g.row(0)
             if g.finish_reasons[0] == "stop_token":
                 row = row[:-1]
-            out.append(tok.detokenize(row))
+            out.append(decode_response(tok, ids, row))
         return out
 
     return {"tok": tok, "lm": lm, "complete": complete}
@@ -161,7 +164,8 @@ def test_chat_and_stop_strings_in_process(ckpt, reference, tmp_path):
                                                                 stop_token_ids=[tok.eod]),
                  vocab_size=lm.vocab_size)
     row = g.row(0)[:-1] if g.finish_reasons[0] == "stop_token" else g.row(0)
-    assert (tmp_path / "c.txt").read_text() == _escape(tok.detokenize(row)) + "\n"
+    assert (tmp_path / "c.txt").read_text() == \
+        _escape(cli.decode_response(tok, chat_ids[-IN_LEN:], row)) + "\n"
     # only empty prompts: nothing is generated, one empty line per input line (tabs, \n escapes)
     (tmp_path / "e.txt").write_text("\n \n\t\n")
     cli.run(cli.build_parser().parse_args(common[:-1] + [str(tmp_path / "e.txt"), "--output-file",
@@ -205,3 +209,130 @@ def test_input_parsing_bos_and_truncation_units(tmp_path):
     assert not cli.wants_bos(Tok(), "auto") and cli.wants_bos(Tok(), "yes")
     assert cli.cut_at_stop("hello ### world ##", ["##", "###"]) == ("hello ", True)
     assert cli.stop_token_ids(Tok(), chat=False) == [2]
+
+
+def test_input_files_that_used_to_break_the_line_contract(tmp_path):
+    """A lone CR inside a line stays in its prompt (the output keeps one line per input line);
+    a UTF-8 BOM is not text (jsonl still detected); non-UTF-8 input and unreadable files are
+    one-line InputErrors naming the line; a jsonl object without a string 'query' is an error
+    naming its keys, not an empty prompt."""
+    from megatron_patch.generation import cli
+
+    p = tmp_path / "p.txt"
+    p.write_bytes(b"first prompt\rsecond half\nthird\r\n")
+    assert cli.read_prompts(str(p)) == (["first prompt\rsecond half", "third"], None)
+    p.write_bytes(b'\xef\xbb\xbf{"query": "a"}\n{"query": "b"}\n')
+    assert cli.read_prompts(str(p)) == (["a", "b"], [{"query": "a"}, {"query": "b"}])
+    q = tmp_path / "q.jsonl"
+    q.write_bytes(b'\xef\xbb\xbf{"query": "a"}\n')
+    assert cli.read_prompts(str(q))[0] == ["a"]
+    p.write_bytes("ok\n\u4f60\u597d\n".encode("utf-8") + "\u4f60\u597d\n".encode("gbk"))
+    with pytest.raises(cli.InputError, match=r"p.txt:3: not UTF-8 text"):
+        cli.read_prompts(str(p))
+    q.write_text('{"query": "a"}\n{"prompt": "b", "id": 2}\n')
+    with pytest.raises(cli.InputError, match=r":2: expected an object with a string 'query' "
+                                             r"\(its keys: prompt, id\)"):
+        cli.read_prompts(str(q))
+    if os.geteuid() != 0:  # root reads any file
+        p.write_text("x\n")
+        p.chmod(0)
+        with pytest.raises(cli.InputError, match="cannot be read"):
+            cli.read_prompts(str(p))
+    # every line break of str.splitlines() is escaped in text output
+    text = "a\x0bb\x0cc\x1cd\x1de\x1ef\x85g\u2028h\u2029i\nj\rk\\"
+    assert len(cli.escape_line(text).splitlines()) == 1
+    assert cli.escape_line(text) == "a\\x0bb\\x0cc\\x1cd\\x1de\\x1ef\\x85g\\u2028h\\u2029i\\nj\\rk\\\\"
+
+
+def test_truncation_keeps_bos_alone_and_a_template_bos(tmp_path):
+    from megatron_patch.generation import cli
+
+    class Tok:
+        bos, eod, eos = 1, 2, 2
+
+        def tokenize(self, t):
+            return ([1] if t.startswith("<s>") else []) + [ord(c) for c in t.replace("<s>", "")]
+
+    msgs = []
+    # room for BOS only: BOS alone (the whole prompt used to be kept: ids[-0:])
+    assert cli.encode_prompts(Tok(), ["abcdef"], chat=False, add_bos=True, max_prompt=1,
+                              warn=msgs.append) == [[1]]
+    assert "keeping its last 0 after BOS" in msgs[0]
+    # a BOS that the text itself starts with (a chat template's {{ bos_token }}) stays in front
+    assert cli.encode_prompts(Tok(), ["<s>abcdef"], chat=False, add_bos=False, max_prompt=3,
+                              warn=msgs.append) == [[1, 101, 102]]
+    assert cli.encode_prompts(Tok(), ["<s>ab"], chat=False, add_bos=True, max_prompt=8,
+                              warn=msgs.append) == [[1, 97, 98]]
+
+
+def test_responses_decode_after_their_prompt(tmp_path):
+    """A SentencePiece-style (Metaspace) tokenizer: the response's first word piece keeps its
+    space, as it reads after the prompt ("Hello" + " world"), where decoding it alone drops it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from megatron_patch.generation import cli
+    from megatron_patch.tokenizer import build_tokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "\u2581Hello": 3, "\u2581world": 4, "\u2581": 5,
+             "Hello": 6, "world": 7, "\u2581caf\u00e9": 8}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    t.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    t.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    tok = build_tokenizer("auto", str(tmp_path))
+    ids = tok.tokenize("Hello world")
+    assert ids == [3, 4] and tok.detokenize(ids[1:]) == "world"  # the defect: no space
+    assert cli.decode_response(tok, ids[:1], ids[1:]) == " world"
+    assert tok.detokenize(ids[:1]) + cli.decode_response(tok, ids[:1], ids[1:]) == \
+        tok.detokenize(ids)
+    assert cli.decode_response(tok, [], [4, 8]) == tok.detokenize([4, 8])  # no context
+    assert cli.decode_response(tok, [3, 4, 3, 4, 3], []) == ""
+
+
+def test_bad_settings_fail_before_the_model_is_loaded(tmp_path, monkeypatch):
+    from megatron_patch.generation import cli
+    from megatron_patch.generation import loader
+
+    def no_load(*a, **k):
+        raise AssertionError("the checkpoint was loaded")
+    monkeypatch.setattr(loader, "load_for_generation", no_load)
+    monkeypatch.setattr(loader, "load_tokenizer", no_load)
+    inp = tmp_path / "p.txt"
+    inp.write_text("hi\n")
+    base = ["--checkpoint", str(tmp_path / "none"), "--input-file", str(inp),
+            "--output-file", str(tmp_path / "o.txt")]
+    for extra, expected in ((["--top-p", "1.5"], "top_p must be in [0, 1]"),
+                            (["--temperature", "-1"], "temperature must be >= 0"),
+                            (["--repetition-penalty", "0"], "repetition_penalty must be > 0"),
+                            (["--batch-size", "0"], "BS (--micro-batch-size) must be >= 1"),
+                            (["--top-k", "-1"], "TOP_K must be >= 0")):
+        with pytest.raises(cli.InputError, match=re.escape(expected)):
+            cli.run(cli.build_parser().parse_args(base + extra), log=lambda *a, **k: None)
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(cli.InputError, match="is a folder"):
+        cli.run(cli.build_parser().parse_args(base[:-1] + [str(tmp_path / "dir")]),
+                log=lambda *a, **k: None)
+
+
+def test_extra_args_keep_quoted_words_together(ckpt, tmp_path):
+    """EXTRA_ARGS is split like a command line: a stop string with a space is one argument (the
+    unquoted expansion used to split it and glob-expand '*'); unbalanced quotes are an error."""
+    inp, out = tmp_path / "p.txt", tmp_path / "o.txt"
+    inp.write_text("Hello world, this is\n")
+    (tmp_path / "End").write_text("a file a glob would find")
+    args = _args(ckpt, ckpt, "tiny", 1, str(inp), str(out))
+    r = subprocess.run(["bash", _script("llama"), *args], capture_output=True, text=True,
+                       env=dict(_env(), EXTRA_ARGS="--stop '### End' --stop '*' --seed 3"),
+                       cwd=str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "'### End'" in r.stderr and "--stop '*'" in r.stderr  # the set -x trace of torchrun
+    r = subprocess.run(["bash", _script("llama"), *args], capture_output=True, text=True,
+                       env=dict(_env(), EXTRA_ARGS="--stop '### End"), cwd=str(tmp_path),
+                       timeout=300)
+    assert r.returncode == 2 and "EXTRA_ARGS is not a valid argument list" in r.stderr
+    r = subprocess.run(["bash", _script("llama"), *_args(ckpt, ckpt, "tiny", "two", str(inp),
+                                                             str(out))],
+                       capture_output=True, text=True, env=_env(), cwd=str(tmp_path))
+    assert r.returncode == 2 and "error: TP must be a positive number, got 'two'" in r.stderr

@@ -41,8 +41,10 @@ environment: TASK (sft: lm loss and perplexity | reward: accuracy and chosen-rej
     *) echo "error: TASK must be sft or reward, got '$TASK'" >&2; exit 2 ;;
   esac
   mp_precision "$PR"
+  mp_posint TP PP BATCH_SIZE
 
   mp_paths "$MEGATRON_PATH" "$MEGATRON_PATCH_PATH"
+  mp_extra_args
   mp_launcher "$ENV" $((TP * PP))   # NPROC processes on each of NNODES nodes
   local dp=$((NPROC * NNODES / (TP * PP)))
   [ "$dp" -ge 1 ] || dp=1
@@ -62,7 +64,6 @@ environment: TASK (sft: lm loss and perplexity | reward: accuracy and chosen-rej
   mkdir -p -- "$LOG_DIR"
 
   set -x
-  # shellcheck disable=SC2086  # EXTRA_ARGS is split on purpose
   "${LAUNCH[@]}" -m megatron_patch.training.finetune --eval-only --task "$TASK" \
     --model-family "$family" --model-size "$MODEL_SIZE" \
     --pretrained-checkpoint "$CHECKPOINT_PATH" "${TOK_ARGS[@]}" \
@@ -71,7 +72,7 @@ environment: TASK (sft: lm loss and perplexity | reward: accuracy and chosen-rej
     --seq-length "$SEQ_LEN" --pad-len "$PAD_LEN" --extra-vocab-size "$EXTRA_VOCAB_SIZE" \
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
     "${PR_ARGS[@]}" --log-dir "$LOG_DIR" \
-    ${EXTRA_ARGS:-} 2>&1 | tee -a "$LOG_DIR/console.log"
+    "${EXTRA[@]}" 2>&1 | tee -a "$LOG_DIR/console.log"
   { set +x; } 2>/dev/null
   echo "> results: $LOG_DIR/evaluation.json"
 }

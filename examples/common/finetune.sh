@@ -58,10 +58,8 @@ environment: TASK (sft | reward, default sft), TOKENIZER_PATH (HF tokenizer fold
   mp_recompute "$AC"
 
   mp_paths "$MEGATRON_PATH" "$MEGATRON_PATCH_PATH"
-  if ! [[ "$EP" =~ ^[1-9][0-9]*$ ]]; then
-    echo "error: EP must be a positive number, got '$EP'" >&2
-    exit 2
-  fi
+  mp_extra_args
+  mp_posint TP PP EP BATCH_SIZE
   mp_launcher "$ENV" $((TP * PP * EP))   # NPROC processes on each of NNODES nodes
   # global batch: BATCH_SIZE x data-parallel size (one micro batch per replica, no accumulation)
   # unless GLOBAL_BATCH_SIZE says otherwise
@@ -100,7 +98,6 @@ environment: TASK (sft | reward, default sft), TOKENIZER_PATH (HF tokenizer fold
   mkdir -p -- "$CHECKPOINT_DIR" "$TENSORBOARD_DIR" "$LOG_DIR"
 
   set -x
-  # shellcheck disable=SC2086  # EXTRA_ARGS is split on purpose
   "${LAUNCH[@]}" -m megatron_patch.training.finetune \
     --model-family "$family" --model-size "$MODEL_SIZE" "${TASK_ARGS[@]}" \
     --micro-batch-size "$BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE" \
@@ -112,7 +109,7 @@ environment: TASK (sft | reward, default sft), TOKENIZER_PATH (HF tokenizer fold
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --init-method-std 0.02 \
     --save "$CHECKPOINT_DIR" --load "$CHECKPOINT_DIR" \
     --log-interval 1 --tensorboard-dir "$TENSORBOARD_DIR" --log-dir "$LOG_DIR" \
-    ${EXTRA_ARGS:-} 2>&1 | tee -a "$LOG_DIR/console.log"
+    "${EXTRA[@]}" 2>&1 | tee -a "$LOG_DIR/console.log"
   { set +x; } 2>/dev/null
   echo "> checkpoint: $CHECKPOINT_DIR"
   echo "> logs: $LOG_DIR (console.log, metrics.jsonl)"

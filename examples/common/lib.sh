@@ -121,3 +121,27 @@ mp_recompute() {
     *) echo "error: AC must be sel, full or none, got '$1'" >&2; exit 2 ;;
   esac
 }
+
+mp_posint() {  # mp_posint NAME... -> each variable must be a positive whole number (exit 2)
+  local v
+  for v in "$@"; do
+    if ! [[ "${!v}" =~ ^[1-9][0-9]*$ ]]; then
+      echo "error: $v must be a positive number, got '${!v}'" >&2
+      exit 2
+    fi
+  done
+}
+
+# mp_extra_args -> EXTRA: EXTRA_ARGS split as a shell splits a command line (quotes group words:
+# EXTRA_ARGS="--stop '### End'" is two arguments), without glob expansion or command substitution
+mp_extra_args() {
+  EXTRA=()
+  [ -n "${EXTRA_ARGS:-}" ] || return 0
+  local split='import shlex, sys
+sys.stdout.write("".join(a + "\0" for a in shlex.split(sys.argv[1])))'
+  if ! python3 -c "$split" "$EXTRA_ARGS" > /dev/null 2>&1; then
+    echo "error: EXTRA_ARGS is not a valid argument list (unbalanced quotes?): $EXTRA_ARGS" >&2
+    exit 2
+  fi
+  mapfile -d '' -t EXTRA < <(python3 -c "$split" "$EXTRA_ARGS")
+}

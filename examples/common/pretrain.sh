@@ -41,17 +41,13 @@ environment: TOKENIZER_PATH (HF tokenizer folder or sentencepiece .model; defaul
   EP=${EP:-1}
 
   local v
-  for v in TP PP EP; do
-    if ! [[ "${!v}" =~ ^[1-9][0-9]*$ ]]; then
-      echo "error: $v must be a positive number, got '${!v}'" >&2
-      exit 2
-    fi
-  done
+  mp_posint TP PP EP
   for v in DO FL SP; do mp_bool "$v" "${!v}"; done
   mp_precision "$PR"
   mp_recompute "$AC"
 
   mp_paths "$MEGATRON_PATH" "$MEGATRON_PATCH_PATH"
+  mp_extra_args
   mp_launcher "$ENV" $((TP * PP * EP))
 
   OPT_ARGS=()
@@ -79,7 +75,6 @@ environment: TOKENIZER_PATH (HF tokenizer folder or sentencepiece .model; defaul
   DATA_ARGS=(--data-path $DATASET_PATH --split 99,1,0)
 
   set -x
-  # shellcheck disable=SC2086  # EXTRA_ARGS is split on purpose
   "${LAUNCH[@]}" -m megatron_patch.training.pretrain \
     --model-family "$family" --model-size "$MODEL_SIZE" \
     --micro-batch-size "$BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE" \
@@ -92,7 +87,7 @@ environment: TOKENIZER_PATH (HF tokenizer folder or sentencepiece .model; defaul
     --save "$CHECKPOINT_DIR" --load "$CHECKPOINT_DIR" --save-interval "$SAVE_INTERVAL" \
     --log-interval 1 --eval-interval 10000 --eval-iters 10 \
     --tensorboard-dir "$TENSORBOARD_DIR" --log-dir "$LOG_DIR" \
-    ${EXTRA_ARGS:-} 2>&1 | tee -a "$LOG_DIR/console.log"
+    "${EXTRA[@]}" 2>&1 | tee -a "$LOG_DIR/console.log"
   { set +x; } 2>/dev/null
   echo "> checkpoint: $CHECKPOINT_DIR"
   echo "> logs: $LOG_DIR (console.log, metrics.jsonl)"

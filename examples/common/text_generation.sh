@@ -38,8 +38,10 @@ environment: PP (pipeline stages, default 1), NPROC_PER_NODE (default: all GPUs,
   MODEL_SIZE=$6; TP=$7; BS=$8; SEQ_LEN=$9; TOP_K=${10}; INPUT_SEQ_LEN=${11}; OUTPUT_SEQ_LEN=${12}
   INPUT_FILE=${13}; OUTPUT_FILE=${14}; TOP_P=${15}; TEMPERATURE=${16}; REPETITION_PENALTY=${17}
   PP=${PP:-1}
+  mp_posint TP PP BS
 
   mp_paths "$MEGATRON_PATH" "$MEGATRON_PATCH_PATH"
+  mp_extra_args
   # processes per node: all local GPUs (data-parallel replicas of TP x PP ranks), or TP x PP CPU
   # processes on a machine without GPUs; NPROC_PER_NODE overrides both
   mp_launcher "$ENV" $((TP * PP))
@@ -50,7 +52,6 @@ environment: PP (pipeline stages, default 1), NPROC_PER_NODE (default: all GPUs,
   if [ "$NODE_RANK" -gt 0 ]; then console="${OUTPUT_FILE}.node${NODE_RANK}.log"; fi
 
   set -x
-  # shellcheck disable=SC2086  # EXTRA_ARGS is split on purpose
   "${LAUNCH[@]}" -m megatron_patch.generation.cli \
     --model-family "$family" \
     --checkpoint "$CHECKPOINT_PATH" --tokenizer "$TOKENIZER" --model-size "$MODEL_SIZE" \
@@ -59,6 +60,6 @@ environment: PP (pipeline stages, default 1), NPROC_PER_NODE (default: all GPUs,
     --input-seq-len "$INPUT_SEQ_LEN" --out-seq-length "$OUTPUT_SEQ_LEN" \
     --input-file "$INPUT_FILE" --output-file "$OUTPUT_FILE" \
     --top-p "$TOP_P" --temperature "$TEMPERATURE" --repetition-penalty "$REPETITION_PENALTY" \
-    ${EXTRA_ARGS:-} 2>&1 | tee "$console"
+    "${EXTRA[@]}" 2>&1 | tee "$console"
   { set +x; } 2>/dev/null
 }

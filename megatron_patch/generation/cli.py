@@ -75,8 +75,17 @@ def read_prompts(path: str) -> Tuple[List[str], Optional[List[dict]]]:
     """(prompt texts, the jsonl objects or None for a text file). Raises InputError."""
     if not os.path.isfile(path):
         raise InputError(f"input file {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    try:
+        # newline="": lines end at "\n" only (a CRLF's "\r" is dropped below); a lone "\r" inside
+        # a line stays in its prompt instead of splitting it in two. utf-8-sig: a BOM is not text
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise InputError(f"input file {path} cannot be read: {e.strerror}") from None
+    lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the final newline ends the last line; it is not an extra empty prompt
     lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
@@ -99,15 +108,26 @@ def read_prompts(path: str) -> Tuple[List[str], Optional[List[dict]]]:
             o = json.loads(ln)
         except ValueError as e:
             raise InputError(f"{path}:{n}: not a JSON object ({e})") from None
-        if not isinstance(o, dict) or not isinstance(o.get("query", ""), str):
-            raise InputError(f"{path}:{n}: expected an object with a string 'query'")
+        if not isinstance(o, dict) or not isinstance(o.get("query"), str):
+            keys = f" (its keys: {', '.join(map(str, o))})" if isinstance(o, dict) else ""
+            raise InputError(f"{path}:{n}: expected an object with a string 'query'{keys}")
         objs.append(o)
         prompts.append(o.get("query", ""))
     return prompts, objs
 
 
+# every character that str.splitlines() ends a line at, other than \n and \r: written as \xNN / \uNNNN
+_LINE_BREAKS = {c: f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
+                for c in "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
 def escape_line(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
+    """One output line: backslash as \\\\, \n and \r as \\n and \\r, the other line breaks of
+    ``str.splitlines`` (vertical tab, form feed, ..., U+2028) as \\xNN / \\uNNNN."""
+    text = text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
+    if any(c in text for c in _LINE_BREAKS):
+        text = "".join(_LINE_BREAKS.get(c, c) for c in text)
+    return text
 
 
 def write_outputs(path: str, responses: Sequence[str], objs: Optional[List[dict]]) -> None:
@@ -154,14 +174,37 @@ def encode_prompts(tokenizer, texts: Sequence[str], *, chat: bool, add_bos: bool
             t = tokenizer.apply_chat_template([{"role": "user", "content": t}],
                                               add_generation_prompt=True)
         ids = list(tokenizer.tokenize(t))
-        bos = [tokenizer.bos] if add_bos and (not ids or ids[0] != tokenizer.bos) else []
+        bos_id = getattr(tokenizer, "bos", None)
+        if ids and bos_id is not None and ids[0] == bos_id:  # the text (a chat template) has it
+            bos, ids = ids[:1], ids[1:]
+        else:
+            bos = [bos_id] if add_bos else []
         room = max_prompt - len(bos)  # BOS stays in front of a cut prompt
         if len(ids) > room:
             warn(f"warning: prompt {i + 1} has {len(bos) + len(ids)} tokens, more than "
                  f"{max_prompt}: keeping its last {room}" + (" after BOS" if bos else ""))
-            ids = ids[-room:]
+            ids = ids[-room:] if room > 0 else []
         out.append(bos + ids)
     return out
+
+
+CONTEXT_TOKENS = 4  # prompt tokens decoded with a response (decode_response)
+
+
+def decode_response(tokenizer, prompt: Sequence[int], ids: Sequence[int]) -> str:
+    """The text of the response ``ids`` as it reads after its prompt: the last few prompt tokens
+    are decoded with it and their own text taken off the front. Decoding the response alone loses
+    what a token's text depends on its left neighbour for, e.g. the leading space of a
+    SentencePiece / Metaspace word piece ("Hello" + "▁world" reads "Hello world", but
+    "▁world" alone decodes to "world"); where the context does not decode to a prefix of the
+    whole (an incomplete UTF-8 sequence in it), the response is decoded alone."""
+    ctx = list(prompt[-CONTEXT_TOKENS:])
+    if not ctx or not ids:
+        return tokenizer.detokenize(list(ids))
+    head, full = tokenizer.detokenize(ctx), tokenizer.detokenize(ctx + list(ids))
+    if head and full.startswith(head) and "\ufffd" not in head:
+        return full[len(head):]
+    return tokenizer.detokenize(list(ids))
 
 
 def stop_token_ids(tokenizer, chat: bool) -> List[int]:
@@ -193,8 +236,9 @@ def run(args, log=print) -> dict:
     import torch
     import torch.distributed as dist
 
-    from megatron_patch import platform
     from megatron_patch.generation import SamplingParams, generate
+
+    from megatron_patch import platform
     from megatron_patch.generation.loader import (load_for_generation, load_tokenizer,
                                                   resolve_precision)
 
@@ -206,7 +250,28 @@ def run(args, log=print) -> dict:
                          f"{args.out_seq_length} new tokens")
     if args.input_seq_len > 0:
         max_prompt = min(max_prompt, args.input_seq_len)
-    texts, objs = read_prompts(args.input_file)  # fail before the model is loaded
+    # every check that needs no model before the model is loaded
+    for name, value in (("BS (--micro-batch-size)", args.batch_size), ("TP", args.tp),
+                        ("PP", args.pp)):
+        if value < 1:
+            raise InputError(f"{name} must be >= 1, got {value}")
+    if args.top_k < 0:
+        raise InputError(f"TOP_K must be >= 0 (0: off, 1: greedy), got {args.top_k}")
+    sampling = dict(max_new_tokens=args.out_seq_length, greedy=args.top_k == 1,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty, return_logprobs=False)
+    try:
+        SamplingParams(**sampling)
+    except ValueError as e:
+        raise InputError(f"sampling settings: {e}") from None
+    if os.path.isdir(args.output_file):
+        raise InputError(f"OUTPUT_FILE {args.output_file} is a folder")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_file)), exist_ok=True)
+    except OSError as e:
+        raise InputError(f"OUTPUT_FILE {args.output_file}: cannot create its folder: "
+                         f"{e.strerror}") from None
+    texts, objs = read_prompts(args.input_file)
     tokenizer = load_tokenizer(args.tokenizer, args.checkpoint, args.tp)
     lm = load_for_generation(args.checkpoint, tp=args.tp, pp=args.pp, model_size=args.model_size,
                              family=args.model_family,
@@ -221,11 +286,7 @@ def run(args, log=print) -> dict:
                              add_bos=wants_bos(tokenizer, args.add_bos), max_prompt=max_prompt,
                              warn=lambda m: say(m, file=sys.stderr))
     stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]  # shell-friendly escapes
-    params = SamplingParams(max_new_tokens=args.out_seq_length, greedy=args.top_k == 1,
-                            temperature=args.temperature, top_k=max(args.top_k, 0),
-                            top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                            stop_token_ids=stop_token_ids(tokenizer, args.chat),
-                            return_logprobs=False)
+    params = SamplingParams(**sampling, stop_token_ids=stop_token_ids(tokenizer, args.chat))
     stop_ids = set(params.stop_token_ids)
     todo = sorted((i for i, p in enumerate(prompts) if p), key=lambda i: len(prompts[i]))
     responses = [""] * len(prompts)
@@ -235,15 +296,15 @@ def run(args, log=print) -> dict:
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     mine = []
 
-    def stop_fn(row, ids):
-        return cut_at_stop(tokenizer.detokenize(ids), stops)[1]
-
     for bi, start in enumerate(range(0, len(todo), args.batch_size)):
         if bi % dp != dp_rank:  # data-parallel replicas take turns
             continue
         idx = todo[start:start + args.batch_size]
         mine += idx
         batch = [prompts[i] for i in idx]
+
+        def stop_fn(row, ids, batch=batch):  # the text as it will be written (decode_response)
+            return cut_at_stop(decode_response(tokenizer, batch[row], ids), stops)[1]
 
         params.seed = args.seed + bi
         out = generate(lm.model, batch, params, pad_id=int(tokenizer.pad or 0),
@@ -253,8 +314,8 @@ def run(args, log=print) -> dict:
             n_tok += len(ids)
             if ids and ids[-1] in stop_ids and out.finish_reasons[r] == "stop_token":
                 ids = ids[:-1]
-            responses[i] = cut_at_stop(tokenizer.detokenize(ids), stops)[0] if stops else \
-                tokenizer.detokenize(ids)
+            text = decode_response(tokenizer, prompts[i], ids)
+            responses[i] = cut_at_stop(text, stops)[0] if stops else text
     if dp > 1:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, {i: responses[i] for i in mine})
@@ -282,7 +343,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         run(args)
-    except (InputError, GenerationSetupError, FileNotFoundError) as e:
+    except (InputError, GenerationSetupError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
