@@ -149,6 +149,7 @@ def ref(ckpt):
     """The library's greedy answers for token ids (the test process's own model)."""
     from megatron_patch.generation import SamplingParams, generate
     from megatron_patch.generation.cli import stop_token_ids
+    from megatron_patch.generation.text import decode_response
     from megatron_patch.generation.loader import load_for_generation, load_tokenizer
 
     tok = load_tokenizer("-", ckpt)
@@ -161,7 +162,8 @@ def ref(ckpt):
                      vocab_size=lm.vocab_size)
         row = g.row(0)
         finish = "stop" if g.finish_reasons[0] == "stop_token" else "length"
-        text = tok.detokenize(row[:-1] if finish == "stop" else row)
+        # a completion continues its prompt's text, a chat message starts its own
+        text = decode_response(tok, [] if chat else ids, row[:-1] if finish == "stop" else row)
         return {"text": text, "finish_reason": finish, "prompt_tokens": len(ids),
                 "completion_tokens": len(row)}
 

@@ -27,6 +27,8 @@ import sys
 import time
 from typing import List, Optional, Sequence, Tuple
 
+from megatron_patch.generation.text import decode_response  # noqa: F401 (cli.decode_response)
+
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>", "<|user|>")
 
 
@@ -188,25 +190,6 @@ def encode_prompts(tokenizer, texts: Sequence[str], *, chat: bool, add_bos: bool
     return out
 
 
-CONTEXT_TOKENS = 4  # prompt tokens decoded with a response (decode_response)
-
-
-def decode_response(tokenizer, prompt: Sequence[int], ids: Sequence[int]) -> str:
-    """The text of the response ``ids`` as it reads after its prompt: the last few prompt tokens
-    are decoded with it and their own text taken off the front. Decoding the response alone loses
-    what a token's text depends on its left neighbour for, e.g. the leading space of a
-    SentencePiece / Metaspace word piece ("Hello" + "▁world" reads "Hello world", but
-    "▁world" alone decodes to "world"); where the context does not decode to a prefix of the
-    whole (an incomplete UTF-8 sequence in it), the response is decoded alone."""
-    ctx = list(prompt[-CONTEXT_TOKENS:])
-    if not ctx or not ids:
-        return tokenizer.detokenize(list(ids))
-    head, full = tokenizer.detokenize(ctx), tokenizer.detokenize(ctx + list(ids))
-    if head and full.startswith(head) and "\ufffd" not in head:
-        return full[len(head):]
-    return tokenizer.detokenize(list(ids))
-
-
 def stop_token_ids(tokenizer, chat: bool) -> List[int]:
     ids = set()
     for name in ("eos", "eod"):
@@ -304,7 +287,8 @@ def run(args, log=print) -> dict:
         batch = [prompts[i] for i in idx]
 
         def stop_fn(row, ids, batch=batch):  # the text as it will be written (decode_response)
-            return cut_at_stop(decode_response(tokenizer, batch[row], ids), stops)[1]
+            return cut_at_stop(decode_response(tokenizer, [] if args.chat else batch[row], ids),
+                               stops)[1]
 
         params.seed = args.seed + bi
         out = generate(lm.model, batch, params, pad_id=int(tokenizer.pad or 0),
@@ -314,7 +298,9 @@ def run(args, log=print) -> dict:
             n_tok += len(ids)
             if ids and ids[-1] in stop_ids and out.finish_reasons[r] == "stop_token":
                 ids = ids[:-1]
-            text = decode_response(tokenizer, prompts[i], ids)
+            # a chat response is the assistant's message (no leading space), a completion
+            # continues its prompt's text
+            text = decode_response(tokenizer, [] if args.chat else prompts[i], ids)
             responses[i] = cut_at_stop(text, stops)[0] if stops else text
     if dp > 1:
         gathered = [None] * dist.get_world_size()

@@ -34,6 +34,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
+from megatron_patch.generation.text import CONTEXT_TOKENS, decode_response
 from megatron_patch.serve import protocol
 from megatron_patch.serve.protocol import APIError
 
@@ -61,6 +62,12 @@ class Job:
 
     def __post_init__(self):
         self.stream_text = protocol.StreamText(self.params.stop)
+
+    @property
+    def context(self) -> List[int]:
+        """The prompt tokens a response is decoded after (``generation.text.decode_response``):
+        a completion continues its prompt's text; a chat message starts its own."""
+        return self.prompt_ids if self.kind == "completion" else []
 
     @property
     def key(self):
@@ -180,7 +187,8 @@ class Scheduler:
             r = rows[i]
             if ids[-1] in stop_sets[i]:
                 reasons[i] = "stop_token"
-            elif r["stops"] and protocol.cut_at_stop(self.tok.detokenize(ids), r["stops"])[1]:
+            elif r["stops"] and protocol.cut_at_stop(
+                    decode_response(self.tok, r["context"], ids), r["stops"])[1]:
                 reasons[i] = "stop"
             elif len(ids) >= r["max_tokens"]:
                 reasons[i] = "length"
@@ -213,7 +221,7 @@ class Scheduler:
             return True
         if job.params.stream:
             try:
-                delta = job.stream_text.update(self.tok.detokenize(ids))
+                delta = job.stream_text.update(decode_response(self.tok, job.context, ids))
                 if delta:
                     job.events.put(("delta", delta))
             except Exception as e:  # noqa: BLE001  (a bad row never stops the batch)
@@ -229,7 +237,7 @@ class Scheduler:
                 job.events.put(("error", APIError(499, "cancelled")))
                 return
             keep = ids[:-1] if reason == "stop_token" else ids
-            text = self.tok.detokenize(keep)
+            text = decode_response(self.tok, job.context, keep)
             text, hit = protocol.cut_at_stop(text, job.params.stop)
             finish = "length" if reason == "length" and not hit else "stop"
             if job.params.stream:
@@ -250,7 +258,8 @@ class Scheduler:
         return {"op": "run", "prompts": [list(j.prompt_ids) for j in batch],
                 "params": sampling_kwargs(batch[0].params, most, seed),
                 "rows": [{"max_tokens": j.max_tokens, "stops": list(j.params.stop),
-                          "stop_ids": list(j.stop_ids)} for j in batch]}
+                          "stop_ids": list(j.stop_ids),
+                          "context": list(j.context[-CONTEXT_TOKENS:])} for j in batch]}
 
     def serve(self, stop: threading.Event) -> None:
         """Rank 0: run batches until ``stop`` is set; then release the other ranks."""
