@@ -319,6 +319,13 @@ def test_run_make_pretraining_dataset_script(corpus, tmp_path):
     assert "[preprocess] done" in r.stderr and "docs/s" in r.stderr and "MB/s" in r.stderr
     tok = build_tokenizer("auto", llama_model())
     _check_dataset(str(out / "wudao_llamabpe_text_document"), tok, corpus["texts"])
+    # a tokenizer folder keeps its whole name (Qwen2.5-7B and Qwen2.5-3B were both wudao_Qwen2)
+    dotted = tmp_path / "tokenizers" / "Llama2.5-7B"
+    build_tokenizer("auto", llama_model()).save_pretrained(str(dotted))
+    r = subprocess.run(["bash", script, "-", "-", str(corpus["zst"]), str(dotted), str(out)],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    _check_dataset(str(out / "wudao_Llama2.5-7B_text_document"), tok, corpus["texts"])
 
 
 def test_json_array_and_multiple_keys(tmp_path):

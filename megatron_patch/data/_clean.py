@@ -199,13 +199,27 @@ def _filter_file(tmp_path: str, out_path: str, keep: Optional[bytes]) -> int:
             return sum(blob.count(b"\n") for blob in iter(lambda: f.read(1 << 22), b""))
     flags = np.frombuffer(keep, dtype=bool)
     n = 0
-    with open(tmp_path, "rb") as src, BigWriter(out_path) as dst:
+    part = out_path + ".part"  # renamed into place when whole: no half-written output
+    with open(tmp_path, "rb") as src, BigWriter(part) as dst:
         for i, line in enumerate(src):
             if flags[i]:
                 dst.write(line)
                 n += 1
+    os.replace(part, out_path)
     os.remove(tmp_path)
     return n
+
+
+def _previous_outputs(output_dir: str) -> List[str]:
+    """The outputs an earlier run's ``clean_summary.json`` in ``output_dir`` lists (inside it)."""
+    try:
+        with open(os.path.join(output_dir, "clean_summary.json"), encoding="utf-8") as f:
+            outs = json.load(f).get("outputs", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    root = os.path.abspath(output_dir) + os.sep
+    return [os.path.abspath(o) for o in outs
+            if isinstance(o, str) and os.path.abspath(o).startswith(root)]
 
 
 def _clean_task(args):
@@ -225,13 +239,23 @@ def clean_corpus(inputs, output_dir: str, processes: int = 1, opts: CleanOptions
     log = log or sys.stderr
     t0 = time.time()
     files = list_input_files(inputs, RAW_EXTS)
-    root = inputs if isinstance(inputs, str) and os.path.isdir(inputs) else None
+    if isinstance(inputs, str) and os.path.isdir(inputs):
+        root = inputs
+    else:  # files and globs: names relative to their common folder, so x/a and y/a both live
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+        files = [os.path.abspath(f) for f in files]
     os.makedirs(output_dir, exist_ok=True)
+    names = [_output_name(f, root) for f in files]
+    seen_names = Counter(names)
+    # a.json and a.jsonl would both be a.jsonl: those keep their whole name (a.json.jsonl)
+    names = [n if seen_names[n] == 1 else os.path.relpath(f, root) + ".jsonl"
+             for n, f in zip(names, files)]
     jobs = []
-    for f in files:
-        out = os.path.join(output_dir, _output_name(f, root))
+    for f, name in zip(files, names):
+        out = os.path.join(output_dir, name)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         jobs.append((f, out + ".tmp", opts))
+    previous = _previous_outputs(output_dir)
     seen = SeenHashes()
     bad = BadRecords()
     dropped: Counter = Counter()
@@ -276,8 +300,17 @@ def clean_corpus(inputs, output_dir: str, processes: int = 1, opts: CleanOptions
         "outputs": outputs,
         "seconds": round(time.time() - t0, 3),
     }
-    with open(os.path.join(output_dir, "clean_summary.json"), "w", encoding="utf-8") as f:
+    # outputs of an earlier run into this folder that this run did not write would be read by the
+    # next step as data: they go (only files the earlier summary lists as its own outputs)
+    stale = sorted(set(previous) - {os.path.abspath(o) for o in outputs})
+    for path in stale:
+        if os.path.isfile(path):
+            os.remove(path)
+    summary["stale_outputs_removed"] = stale
+    path = os.path.join(output_dir, "clean_summary.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2, ensure_ascii=False)
+    os.replace(path + ".tmp", path)
     d = summary["dropped"]
     print(f"clean: {len(files)} files, documents in {docs_in}, kept {kept}, dropped "
           f"empty={d['empty']} too_short={d['too_short']} symbol_ratio={d['symbol_ratio']} "

@@ -99,6 +99,13 @@ def make_builder(bin_path: str, dtype):
             self.document_indices.frombytes(
                 np.arange(start + 1, start + 1 + len(lengths), dtype=np.int64).tobytes())
 
+        def abort(self) -> None:
+            """Remove this builder's temporary files (an existing dataset stays as it was)."""
+            self.data_file.close()
+            for path in (self.final_bin + self.tmp, self.final_bin[:-4] + ".idx" + self.tmp):
+                if os.path.exists(path):
+                    os.remove(path)
+
         def finalize(self, idx_path: str) -> None:
             self.data_file.close()
             lengths = np.frombuffer(self.sequence_lengths, dtype=np.int32) \
@@ -149,6 +156,16 @@ def _encode_texts(texts: List[str]) -> Tuple[np.ndarray, np.ndarray]:
     return flat.astype(dtype, copy=False), lengths.astype(np.int32)
 
 
+def _has_lone_surrogate(text: str) -> bool:
+    """Whether ``text`` holds a lone UTF-16 surrogate (valid JSON, ``"\\ud800"``, but no
+    tokenizer takes it: it has no UTF-8 form)."""
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
 def _add_record(path: str, n: int, obj, keys, texts: Dict[str, List[str]], bad: BadRecords) -> int:
     """File one parsed record's texts under their keys; returns how many were empty."""
     if not isinstance(obj, dict):
@@ -158,6 +175,10 @@ def _add_record(path: str, n: int, obj, keys, texts: Dict[str, List[str]], bad: 
     missing = [k for k, v in zip(keys, vals) if not isinstance(v, str)]
     if missing:
         bad.add(path, n, "missing-key", ",".join(missing))
+        return 0
+    broken = [k for k, v in zip(keys, vals) if _has_lone_surrogate(v)]
+    if broken:
+        bad.add(path, n, "invalid-unicode", "lone surrogate in " + ",".join(broken))
         return 0
     empty = 0
     for k, v in zip(keys, vals):
@@ -175,6 +196,8 @@ def _parse_lines(path: str, first: int, blob: bytes, complete: bool, keys,
     Fast path for the common one-key line ``{"<key>": "..."}``: one UTF-8 decode per blob and
     ``json.decoder.scanstring`` (the C string scanner ``json.loads`` itself uses, strict mode) for
     the value; any other line shape goes through ``json.loads``. Results are identical."""
+    if first == 1 and blob.startswith(b"\xef\xbb\xbf"):
+        blob = blob[3:]  # a UTF-8 byte-order mark is not part of the first line
     try:
         text = blob.decode("utf-8")
         lines = text.split("\n")
@@ -203,7 +226,9 @@ def _parse_lines(path: str, first: int, blob: bytes, complete: bool, keys,
                     end = -1
                 if end == len(line) - 1 and line[end] == "}" or \
                         (end > 0 and line[end:].strip() == "}"):
-                    if val:
+                    if "\\u" in line and _has_lone_surrogate(val):
+                        bad.add(path, first + i, "invalid-unicode", "lone surrogate in " + keys[0])
+                    elif val:
                         append(val)
                     else:
                         empty += 1
@@ -216,7 +241,7 @@ def _parse_lines(path: str, first: int, blob: bytes, complete: bool, keys,
         except UnicodeDecodeError:
             bad.add(path, first + i, "invalid-utf8")
             continue
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nested too deep to parse
             if not line.strip():
                 continue
             bad.add(path, first + i, "malformed-json", str(e)[:80])
@@ -314,10 +339,11 @@ def _sample_texts(files: Sequence[str], key: str, limit: int = 256) -> List[str]
         for r in recs:
             if isinstance(r, bytes):
                 try:
-                    r = json.loads(r.decode("utf-8"))
-                except ValueError:
+                    r = json.loads(r.decode("utf-8-sig"))
+                except (ValueError, RecursionError):  # bad lines are reported by the run itself
                     continue
-            if isinstance(r, dict) and isinstance(r.get(key), str) and 0 < len(r[key]) <= 1 << 16:
+            if isinstance(r, dict) and isinstance(r.get(key), str) and \
+                    0 < len(r[key]) <= 1 << 16 and not _has_lone_surrogate(r[key]):
                 out.append(r[key])
                 if len(out) >= limit:
                     return out
@@ -349,7 +375,10 @@ class _Progress:
 
 
 def _run_partition(files, prefix, cfg: PreprocessConfig, tokenizer, encoder, dtype,
-                   report: BadRecords, progress: _Progress, totals: Counter) -> Dict[str, str]:
+                   report: BadRecords, progress: _Progress, totals: Counter,
+                   keep_empty: bool = False) -> Dict[str, str]:
+    """One dataset per key at ``prefix``; when no document was written (and not ``keep_empty``)
+    nothing is renamed into place: an earlier dataset of the same prefix stays as it was."""
     builders = {}
     outputs = {}
     for key in cfg.json_keys:
@@ -370,6 +399,7 @@ def _run_partition(files, prefix, cfg: PreprocessConfig, tokenizer, encoder, dty
 
     workers = max(1, int(cfg.workers))
     totals.setdefault("setup_cpu", _cpu_seconds())
+    docs_before = totals["docs"]
     if workers == 1:
         for task in _tasks(files, report):
             consume(encode_task(task))
@@ -391,9 +421,35 @@ def _run_partition(files, prefix, cfg: PreprocessConfig, tokenizer, encoder, dty
                 pool.join()
         finally:
             gc.unfreeze()
+    if totals["docs"] == docs_before and not keep_empty:
+        for b in builders.values():
+            b.abort()
+        return outputs
     for key, b in builders.items():
         b.finalize(outputs[key] + ".idx")
     return outputs
+
+
+def _remove_stale_temporaries(prefix: str, keys, log) -> None:
+    """``*.tmp-<pid>`` files of this prefix left by a run that was killed (its pid is gone)."""
+    import glob
+
+    for key in keys:
+        for path in glob.glob(glob.escape(f"{prefix}_{key}_document") + ".*.tmp-*") + \
+                glob.glob(glob.escape(f"{prefix}_partition_") + "*" +
+                          glob.escape(f"_{key}_document") + ".*.tmp-*"):
+            pid = path.rsplit(".tmp-", 1)[1]
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                os.kill(int(pid), 0)
+                continue  # a live run's
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue  # another user's live process
+            os.remove(path)
+            print(f"[preprocess] removed {path} (left by an interrupted run)", file=log)
 
 
 def preprocess(cfg: PreprocessConfig, tokenizer=None, log=None) -> dict:
@@ -415,6 +471,7 @@ def preprocess(cfg: PreprocessConfig, tokenizer=None, log=None) -> dict:
         print(f"[preprocess] using the reference tokenizer: {encoder.fallback_reason}", file=log)
     out_dir = os.path.dirname(os.path.abspath(cfg.output_prefix))
     os.makedirs(out_dir, exist_ok=True)
+    _remove_stale_temporaries(cfg.output_prefix, cfg.json_keys, log)
     report = BadRecords(keep=50)
     totals: Counter = Counter()
     progress = _Progress(cfg.log_interval, log)
@@ -431,9 +488,15 @@ def preprocess(cfg: PreprocessConfig, tokenizer=None, log=None) -> dict:
         for i, group in enumerate(groups):
             part_outputs.append(_run_partition(group, f"{cfg.output_prefix}_partition_{i}", cfg,
                                                tokenizer, encoder, dtype, report, progress,
-                                               totals))
+                                               totals, keep_empty=True))
         outputs = {}
         for key in cfg.json_keys:
+            if not totals["docs"]:  # nothing to merge: the partitions go, an old dataset stays
+                for po in part_outputs:
+                    for ext in (".bin", ".idx"):
+                        os.remove(po[key] + ext)
+                outputs[key] = f"{cfg.output_prefix}_{key}_document"
+                continue
             final = f"{cfg.output_prefix}_{key}_document"
             builder = make_builder(final + ".bin", dtype)
             for po in part_outputs:
@@ -464,6 +527,9 @@ def preprocess(cfg: PreprocessConfig, tokenizer=None, log=None) -> dict:
         "append_eod": cfg.append_eod,
         "workers": cfg.workers,
     }
+    if not totals["docs"]:
+        print(f"[preprocess] no documents: nothing written (an existing "
+              f"{cfg.output_prefix}_*_document.bin/.idx is left as it was)", file=log)
     print(f"[preprocess] done: {len(files)} files, {totals['docs']:,} documents, "
           f"{totals['tokens']:,} tokens, {totals['empty']} empty, {report.total} bad records, "
           f"{totals['bytes'] / 1e6:.1f} MB in {wall:.1f}s ({totals['bytes'] / 1e6 / max(wall, 1e-9):.2f}"

@@ -4,6 +4,7 @@ thread pool (``zstandard`` releases the GIL while compressing). Streaming: at mo
 """
 from __future__ import annotations
 
+import glob
 import os
 import sys
 import time
@@ -57,9 +58,17 @@ def shard_and_compress(inputs, output_dir: str, lines_per_shard: int = 1000, thr
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for f in files:
-            for _start, blob, _complete in iter_line_chunks(f, report):
-                for line in blob.split(b"\n"):
+            for start, blob, complete in iter_line_chunks(f, report):
+                lines = blob.split(b"\n")
+                if lines and lines[-1] == b"":
+                    lines.pop()
+                for k, line in enumerate(lines):
                     if not line.strip():
+                        continue
+                    if not complete and k == len(lines) - 1:
+                        # the cut last line of a truncated .zst: reported here, by its own file
+                        # and line, not written as if it were whole
+                        report.add(f, start + k, "truncated-line")
                         continue
                     buf.append(line + b"\n")
                     bytes_in += len(line) + 1
@@ -69,9 +78,22 @@ def shard_and_compress(inputs, output_dir: str, lines_per_shard: int = 1000, thr
         flush(pool)
         for fut in futures:
             collect(fut)
+    # shards of an earlier run into this folder beyond this run's last one would be read as data
+    stale = [p for p in glob.glob(os.path.join(glob.escape(output_dir),
+                                               glob.escape(prefix) + "_[0-9][0-9][0-9][0-9][0-9]"
+                                               ".jsonl.zst"))
+             if p not in set(shards)]
+    for p in stale:
+        os.remove(p)
     summary = {"files": len(files), "lines": lines_total, "shards": len(shards),
                "bytes_in": bytes_in, "bytes_out": bytes_out, "bad_records": report.as_dict(),
                "seconds": round(time.time() - t0, 3)}
+    summary["stale_shards_removed"] = len(stale)
     print(f"shard: {len(files)} files, {lines_total} lines -> {len(shards)} shards in {output_dir}, "
-          f"{bytes_in / 1e6:.1f} MB -> {bytes_out / 1e6:.1f} MB zstd", file=log, flush=True)
+          f"{bytes_in / 1e6:.1f} MB -> {bytes_out / 1e6:.1f} MB zstd, bad lines {report.total}"
+          + (f" ({dict(report.counts)})" if report.total else "")
+          + (f", {len(stale)} shards of an earlier run removed" if stale else ""),
+          file=log, flush=True)
+    for ex in report.examples[:10]:
+        print(f"  bad: {ex}", file=log)
     return summary

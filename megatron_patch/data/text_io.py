@@ -14,6 +14,7 @@ from collections import Counter
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 BLOCK = 1 << 22  # 4 MiB reads
+BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark: not text (skipped at the start of a file)
 MAX_RECORD = 1 << 28  # a JSON array element larger than 256 MiB is reported, not parsed
 TEXT_EXTS = (".jsonl", ".jsonl.zst", ".json", ".json.zst", ".zst", ".txt", ".txt.zst")
 
@@ -154,11 +155,17 @@ def iter_line_chunks(path: str, report: Optional[BadRecords] = None, block: int 
 
 
 def sniff_json_array(path: str) -> bool:
-    """Whether the file's first non-blank character is ``[`` (a WuDao-style JSON array)."""
+    """Whether the file's first non-blank character (after a UTF-8 byte-order mark) is ``[`` (a
+    WuDao-style JSON array)."""
+    head = b""
     for data in iter_blocks(path, None, 1 << 16):
-        s = data.lstrip()
+        head += data
+        if len(head) < 3 and head == BOM[:len(head)]:
+            continue  # could still be a byte-order mark
+        s = (head[3:] if head.startswith(BOM) else head).lstrip()
         if s:
             return s[:1] == b"["
+        head = BOM if head.startswith(BOM) else b""
     return False
 
 
@@ -183,13 +190,16 @@ def iter_json_array(path: str, report: BadRecords) -> Iterator[Tuple[int, object
         except StopIteration:
             eof = True
             if tail:
+                report.add(path, index + 1, "invalid-utf8",
+                           "the file ends inside a UTF-8 sequence; replaced by U+FFFD")
                 buf = buf[pos:] + tail.decode("utf-8", errors="replace")
                 pos = 0
                 tail = b""
                 return True
             return False
         data = tail + data
-        # keep an incomplete UTF-8 sequence for the next block
+        # keep an incomplete UTF-8 sequence for the next block (a truly invalid byte is reported
+        # below and decoded as U+FFFD: the element keeps its place in the array)
         cut = len(data)
         for k in range(1, min(4, len(data)) + 1):
             b = data[-k]
@@ -199,7 +209,13 @@ def iter_json_array(path: str, report: BadRecords) -> Iterator[Tuple[int, object
                     cut = len(data) - k
                 break
         tail = data[cut:]
-        buf = buf[pos:] + data[:cut].decode("utf-8", errors="replace")
+        try:
+            text = data[:cut].decode("utf-8")
+        except UnicodeDecodeError as e:
+            report.add(path, index + 1, "invalid-utf8",
+                       f"near array element {index}: {e.reason}; replaced by U+FFFD, kept")
+            text = data[:cut].decode("utf-8", errors="replace")
+        buf = buf[pos:] + text
         pos = 0
         return True
 
@@ -222,6 +238,11 @@ def iter_json_array(path: str, report: BadRecords) -> Iterator[Tuple[int, object
             return
         try:
             obj, end = decoder.raw_decode(buf, pos)
+        except RecursionError:
+            report.add(path, index + 1, "malformed-json",
+                       f"array element {index}: nested too deep to parse; the rest of the file "
+                       "is skipped")
+            return
         except json.JSONDecodeError as e:
             # an element cut by the block boundary: read on (bounded, so a broken file cannot
             # pull itself into memory), else report it
@@ -244,7 +265,7 @@ def decode_json_line(line: bytes) -> Tuple[Optional[object], Optional[str]]:
     """``(obj, None)`` or ``(None, reason)`` for one jsonl line (reasons: invalid-utf8,
     malformed-json)."""
     try:
-        text = line.decode("utf-8")
+        text = line.decode("utf-8-sig")  # a byte-order mark (a file's first line) is not JSON
     except UnicodeDecodeError:
         return None, "invalid-utf8"
     try:
@@ -286,7 +307,7 @@ def iter_text_paragraphs(path: str, report: BadRecords, mode: str = "blank"
         for k, raw in enumerate(lines):
             n = start + k
             try:
-                line = raw.decode("utf-8").rstrip("\r")
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r")
             except UnicodeDecodeError:
                 report.add(path, n, "invalid-utf8")
                 continue

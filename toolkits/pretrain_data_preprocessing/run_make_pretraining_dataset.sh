@@ -42,7 +42,10 @@ WORKERS="${WORKERS:-$(nproc 2>/dev/null || echo 1)}"
 JSON_KEYS="${JSON_KEYS:-text}"
 BACKEND="${BACKEND:-auto}"
 TOKENIZER_NAME="$(basename "${TOKENIZER%/}")"
-OUTPUT_NAME="${OUTPUT_NAME:-wudao_${TOKENIZER_NAME%.*}}"
+# a tokenizer file loses its extension (llama.model -> llama); a folder keeps its whole name
+# (Qwen2.5-7B and Qwen2.5-3B must not share a dataset name)
+if [ -f "${TOKENIZER}" ]; then TOKENIZER_NAME="${TOKENIZER_NAME%.*}"; fi
+OUTPUT_NAME="${OUTPUT_NAME:-wudao_${TOKENIZER_NAME}}"
 
 mkdir -p "${OUTPUT_DIR}"
 # shellcheck disable=SC2086
