@@ -168,3 +168,23 @@ def test_shard_reports_a_cut_line_and_removes_stale_shards(tmp_path):
     s = shard_and_compress(str(tmp_path / "in"), str(tmp_path / "z"), lines_per_shard=4000)
     assert sorted(os.listdir(tmp_path / "z")) == ["shard_00000.jsonl.zst", "shard_00001.jsonl.zst"]
     assert s["stale_shards_removed"] == 4
+
+
+def test_several_keys_stay_aligned_document_for_document(tmp_path, tok):
+    """With --json-keys text title, document i of both datasets comes from the same record: a
+    record with one empty value is left out of both (it was left out of one only)."""
+    recs = [{"text": t, "title": t[:12]} for t in TEXTS[:6]]
+    recs[2]["title"] = ""
+    recs[4]["text"] = ""
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    prefix = str(tmp_path / "kv")
+    s = preprocess(PreprocessConfig(input=str(tmp_path / "a.jsonl"), output_prefix=prefix,
+                                    json_keys=("text", "title"), append_eod=True), tokenizer=tok)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    kept = [r for i, r in enumerate(recs) if i not in (2, 4)]
+    for key in ("text", "title"):
+        ds = IndexedDataset(f"{prefix}_{key}_document")
+        assert [ds[i].tolist() for i in range(len(ds))] == \
+            [ids + [tok.eod] for ids in tok.encode_batch([r[key] for r in kept])]
+    assert s["empty_documents"] == 2

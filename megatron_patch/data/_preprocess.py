@@ -180,6 +180,10 @@ def _add_record(path: str, n: int, obj, keys, texts: Dict[str, List[str]], bad: 
     if broken:
         bad.add(path, n, "invalid-unicode", "lone surrogate in " + ",".join(broken))
         return 0
+    if len(keys) > 1 and not all(vals):
+        # one dataset per key, document i of each from record i: a record with an empty value
+        # is left out of all of them (counted once), or the datasets would stop lining up
+        return 1
     empty = 0
     for k, v in zip(keys, vals):
         if v:

@@ -33,9 +33,17 @@ def main(argv=None) -> int:
                         remove_urls=not a.keep_urls, remove_emails=not a.keep_emails,
                         text_keys=tuple(k for k in a.text_keys.split(",") if k),
                         text_mode=a.text_mode)
-    summary = clean_corpus(a.input, a.output, a.processes, opts)
-    bad = summary["bad_records"]["total"]
-    return 1 if summary["kept"] == 0 and bad > 0 and summary["documents_in"] == 0 else 0
+    try:
+        summary = clean_corpus(a.input, a.output, a.processes, opts)
+    except FileNotFoundError as e:  # no input files: one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if summary["kept"] == 0:  # nothing for the next step: not a success
+        print(f"error: no documents kept from {a.input} (documents in: "
+              f"{summary['documents_in']}, bad lines: {summary['bad_records']['total']})",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

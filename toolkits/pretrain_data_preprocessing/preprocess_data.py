@@ -65,7 +65,11 @@ def main(argv=None) -> int:
                            vocab_file=a.vocab_file, merge_file=a.merge_file,
                            append_eod=a.append_eod, workers=a.workers, partitions=a.partitions,
                            backend=a.backend, log_interval=a.log_interval)
-    summary = preprocess(cfg)
+    try:
+        summary = preprocess(cfg)
+    except FileNotFoundError as e:  # no input files: one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if a.summary_json:
         with open(a.summary_json, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)

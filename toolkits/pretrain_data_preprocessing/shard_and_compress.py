@@ -19,7 +19,11 @@ def main(argv=None) -> int:
 
     from megatron_patch.data._shard import shard_and_compress
 
-    summary = shard_and_compress(a.input, a.output, a.lines, a.threads, a.level, a.prefix)
+    try:
+        summary = shard_and_compress(a.input, a.output, a.lines, a.threads, a.level, a.prefix)
+    except FileNotFoundError as e:  # no input files: one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0 if summary["lines"] > 0 else 1
 
 
