@@ -85,6 +85,20 @@ def _size(s: str) -> int:
     return int(s)
 
 
+def _env_int(name: str, default: int, minimum: int) -> int:
+    """An integer environment variable, checked (one error line instead of a traceback)."""
+    from megatron_patch.convert.rules import ConversionError
+
+    raw = os.environ.get(name, "").strip() or str(default)
+    try:
+        v = int(raw)
+    except ValueError:
+        v = None
+    if v is None or v < minimum:
+        raise ConversionError(f"{name} must be an integer >= {minimum}, got {raw!r}")
+    return v
+
+
 def run(args) -> None:
     from megatron_patch.convert import engine
 
@@ -99,7 +113,7 @@ def run(args) -> None:
                 print("warning: the checkpoint is not a reward model", file=sys.stderr)
         elif _is_megatron(args.source):
             engine.reshard(args.source, args.target, tp=args.tp, pp=args.pp,
-                           ep=int(os.environ.get("EP", "1")), dtype=dtype)
+                           ep=_env_int("EP", 1, 1), dtype=dtype)
         else:
             if args.reward:
                 from megatron_patch.convert import hf_io
@@ -109,8 +123,8 @@ def run(args) -> None:
                     raise engine.ConversionError(
                         f"{args.source} is not a reward model (no score or v_head weights)")
             engine.hf_to_megatron(args.source, args.target, tp=args.tp, pp=args.pp,
-                                  ep=int(os.environ.get("EP", "1")),
-                                  extra_vocab_size=int(os.environ.get("EXTRA_VOCAB_SIZE", "0")),
+                                  ep=_env_int("EP", 1, 1),
+                                  extra_vocab_size=_env_int("EXTRA_VOCAB_SIZE", 0, 0),
                                   dtype=dtype, family=args.family)
     elif args.cmd == "hf2mg":
         engine.hf_to_megatron(args.load, args.save, tp=args.tp, pp=args.pp, ep=args.ep,
@@ -133,6 +147,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         run(args)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:  # unreadable files, corrupt JSON, bad sizes: one line
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return 0
 

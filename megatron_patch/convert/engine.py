@@ -57,7 +57,16 @@ def family_and_arch(hf_config: dict, family: Optional[str] = None):
         raise ConversionError(str(e).strip('"')) from None
     if fam.mapping is None:
         raise ConversionError(f"family {fam.name} has no weight mapping table")
-    return fam, fam.config_table.to_megatron(hf_config)
+    try:
+        return fam, fam.config_table.to_megatron(hf_config)
+    except ConversionError:
+        raise
+    except (KeyError, ValueError, TypeError, NotImplementedError) as e:
+        # a config this family's table cannot take (an unsupported option, a missing field)
+        what = str(e.args[0] if e.args else e).strip('"')
+        if isinstance(e, KeyError) and " " not in what:
+            what = f"missing field {what!r}"
+        raise ConversionError(f"{fam.name} config.json: {what}") from None
 
 
 def num_experts(arch) -> int:
@@ -151,9 +160,19 @@ def stage_units(rows: Sequence[Row], arch, num_layers: int, pp: int, pp_rank: in
 
 
 @contextlib.contextmanager
-def staging(target: str, overwrite: bool = False) -> Iterator[str]:
-    """A temporary folder beside ``target`` that becomes ``target`` only if the block succeeds."""
-    target = os.path.abspath(target)
+def staging(target: str, overwrite: bool = False, sources: Sequence[str] = ()) -> Iterator[str]:
+    """A temporary folder beside ``target`` that becomes ``target`` only if the block succeeds.
+    ``target`` may not be, hold or sit inside any of ``sources`` (an overwrite would delete the
+    source; a target inside it would add to it), checked before anything is written."""
+    if not str(target).strip():
+        raise ConversionError("the target folder is empty")
+    target = os.path.realpath(target)
+    for src in sources:
+        src = os.path.realpath(src)
+        if target == src or target.startswith(src + os.sep) or src.startswith(target + os.sep):
+            how = "is" if target == src else "is inside" if target.startswith(src) else "holds"
+            raise ConversionError(f"target {target} {how} the source {src}: sources are never "
+                                  "modified; choose another target folder")
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     if os.path.exists(target):
@@ -195,7 +214,9 @@ class HFSource:
     def names(self) -> List[str]:
         out = []
         for n in self.reader.names():
-            if self.rename and n.startswith(self.rename[0]):
+            if self.rename and n.startswith(self.rename[0]) and not (
+                    n.startswith("lm_head.") or (self.rename[0] == "" and
+                                                 n.startswith(self.rename[1]))):
                 n = self.rename[1] + n[len(self.rename[0]):]
             out.append(n)
         return out
@@ -300,6 +321,21 @@ def _reward_rename(fam, arch, prefix: Optional[str], names: Sequence[str]) -> Op
     return prefix, target
 
 
+def _base_prefix_rename(fam, arch, names: Sequence[str]) -> Optional[Tuple[str, str]]:
+    """Checkpoints saved from the bare base model (the published bigscience/bloom-* and
+    facebook/opt-* / galactica files: ``h.0...``, ``decoder.layers.0...``) lack the
+    ``transformer.`` / ``model.`` level the mapping names; ``transformers`` adds it on load, and
+    so does this (``("", prefix)``). None when the names already carry it."""
+    mapped = {n.split(".")[0] + "." for r in fam.mapping.rows(arch) for n in r.hf} - {"lm_head."}
+    if len(mapped) != 1:
+        return None
+    prefix = next(iter(mapped))
+    body = [n for n in names if not n.startswith("lm_head.")]
+    if not body or any(n.startswith(prefix) for n in body):
+        return None
+    return "", prefix
+
+
 def _meta(fam, arch, hf_config, tp, pp, ep, padded, orig_vocab, hf_vocab, extra, divisible_by,
           reward: bool, dtype_name: str, **more) -> dict:
     m = {
@@ -339,7 +375,8 @@ def hf_to_megatron(hf_dir: str, target: str, *, tp: int = 1, pp: int = 1, ep: in
     head = rw[0] if rw else "score.weight"
     if reward and head.replace(".weight", ".bias") in reader:
         arch.extra["reward_head_bias"] = True
-    rename = _reward_rename(fam, arch, rw[1], reader.names()) if rw else None
+    rename = _reward_rename(fam, arch, rw[1], reader.names()) if rw else \
+        _base_prefix_rename(fam, arch, reader.names())
     source = HFSource(reader, rename)
     rows = model_rows(fam, arch, reward, head)
     L, n_exp = arch.config["num_layers"], num_experts(arch)
@@ -354,11 +391,16 @@ def hf_to_megatron(hf_dir: str, target: str, *, tp: int = 1, pp: int = 1, ep: in
         int(arch.model["vocab_size"])
     from megatron_patch.models.builder import padded_vocab
 
+    if int(extra_vocab_size) < 0:
+        raise ConversionError(f"extra_vocab_size must be >= 0, got {extra_vocab_size} (a negative "
+                              "one would drop embedding rows)")
+    if int(divisible_by) < 1:
+        raise ConversionError(f"make_vocab_size_divisible_by must be >= 1, got {divisible_by}")
     orig_vocab = hf_vocab + int(extra_vocab_size)
     padded = padded_vocab(orig_vocab, divisible_by, tp)
     ctx = shard_ctx(arch, tp, orig_vocab, padded)
     out_dtype = dtype or _first_float_dtype(source, units)
-    with staging(target, overwrite) as tmp:
+    with staging(target, overwrite, (hf_dir,)) as tmp:
         write_megatron(source.get, rows, arch, tmp, tp=tp, pp=pp, ep=ep, ctx=ctx, dtype=dtype,
                        log=log)
         meta = _meta(fam, arch, hf_config, tp, pp, ep, padded, orig_vocab, hf_vocab,
@@ -453,7 +495,7 @@ def _megatron_to_hf(mg_dir: str, target: str, *, dtype, max_shard_bytes, iterati
     src = MegatronSource(reader, units, shard_ctx(arch, reader.tp, orig, padded))
     if reader.dropped:
         log(f"note: {', '.join(reader.dropped)} of the training checkpoint not converted")
-    with staging(target, overwrite) as tmp:
+    with staging(target, overwrite, (label, mg_dir)) as tmp:
         w = hf_io.HFWriter(tmp, max_shard_bytes, dtype)
         file_prefix, map_prefix = meta.get("hf_key_prefix") or (None, None)
         for u in units:
@@ -465,9 +507,10 @@ def _megatron_to_hf(mg_dir: str, target: str, *, dtype, max_shard_bytes, iterati
         cfg = dict(hf_config)
         if cfg.get("vocab_size") != orig:
             cfg["vocab_size"] = orig
-        if dtype is not None:
+        written = dtype or w.dtype_written
+        if written is not None:  # config.json names the dtype of the weights it comes with
             key = "dtype" if "dtype" in cfg or "torch_dtype" not in cfg else "torch_dtype"
-            cfg[key] = _HF_DTYPE_NAMES[dtype]
+            cfg[key] = _HF_DTYPE_NAMES[written]
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
         hf_io.copy_side_files(mg_dir, tmp)
@@ -496,13 +539,15 @@ def _reshard(mg_dir: str, target: str, *, tp, pp, ep, dtype, divisible_by, itera
     from megatron_patch.models.builder import padded_vocab
 
     div = int(divisible_by or meta.get("make_vocab_size_divisible_by", 128))
+    if div < 1:
+        raise ConversionError(f"make_vocab_size_divisible_by must be >= 1, got {div}")
     padded = padded_vocab(orig, div, tp)
     src = MegatronSource(reader, units, shard_ctx(arch, reader.tp, orig, padded_src))
     if reader.dropped:
         log(f"note: {', '.join(reader.dropped)} of the training checkpoint dropped; the resharded "
             "checkpoint holds model weights only")
     ctx = shard_ctx(arch, tp, orig, padded)
-    with staging(target, overwrite) as tmp:
+    with staging(target, overwrite, (label, mg_dir)) as tmp:
         write_megatron(src.get, rows, arch, tmp, tp=tp, pp=pp, ep=ep, ctx=ctx, dtype=dtype, log=log)
         new_meta = dict(meta) if meta else {}
         new_meta.update(_meta(

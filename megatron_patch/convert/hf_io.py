@@ -21,7 +21,8 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 # files copied alongside weights (tokenizer, generation config); config.json is written separately
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt",
-                   "generation_config.json", "qwen.tiktoken", "tokenizer.tiktoken", "chat_template.jinja")
+                   "generation_config.json", "qwen.tiktoken", "tokenizer.tiktoken", "chat_template.jinja",
+                   "chat_template.json")
 
 
 def read_config(hf_dir: str) -> dict:
@@ -171,12 +172,15 @@ class HFWriter:
         self._buf_bytes = 0
         self._shards: List[List[str]] = []
         self.total = 0
+        self.dtype_written: Optional[torch.dtype] = None  # the first floating tensor's dtype
         os.makedirs(out_dir, exist_ok=True)
 
     def add(self, name: str, t: torch.Tensor) -> None:
         if name in self._buf or any(name in s for s in self._shards):
             raise ConversionError(f"HF tensor {name} produced twice")
         t = compact(t, self.dtype if t.is_floating_point() else None)
+        if self.dtype_written is None and t.is_floating_point():
+            self.dtype_written = t.dtype
         n = t.numel() * t.element_size()
         if self._buf and self._buf_bytes + n > self.max:
             self._flush()

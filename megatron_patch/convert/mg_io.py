@@ -102,6 +102,22 @@ class MegatronReader:
         self.tp = max(r[0] for r in ranks) + 1
         self.pp = max(r[1] for r in ranks) + 1
         self.ep = max(r[2] for r in ranks) + 1
+        latest = None
+        try:
+            latest = layout.read_tracker(root)
+        except layout.CheckpointError:
+            pass
+        if self.iteration == latest:
+            # the metadata describes the latest save: a missing last rank folder (mp_rank_03 of
+            # TP 4) would otherwise read as a smaller layout and convert into wrong shapes
+            for key, found in (("tensor_model_parallel_size", self.tp),
+                               ("pipeline_model_parallel_size", self.pp),
+                               ("expert_model_parallel_size", self.ep)):
+                want = self.meta.get(key)
+                if isinstance(want, int) and want != found:
+                    raise ConversionError(
+                        f"{it_dir}: {layout.META} says {key} {want}, but the rank folders "
+                        f"make {found}: rank folders are missing or extra")
         expected = self.tp * self.pp * self.ep
         if len(ranks) != expected:
             raise ConversionError(f"{it_dir}: found {len(ranks)} rank folders, expected "
