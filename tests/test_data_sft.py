@@ -196,7 +196,8 @@ def test_reward_pairs_and_lists(tmp_path):
     # chosen: <s> Q good </s> ; rejected: <s> Q bad bad </s>
     assert a["tokens"].tolist() == [[1, 3, 4, 2, 2, 2], [1, 3, 5, 5, 2, 2]]
     assert a["labels"].tolist() == [[N, 4, 2, N, N, N], [N, 5, 5, 2, N, N]]
-    assert a["scores"].tolist() == [1.0, 0.0] and a["lengths"].tolist() == [3, 4]
+    # eos is the last input token of a row: the reward is read there (as PPO reads it)
+    assert a["scores"].tolist() == [1.0, 0.0] and a["lengths"].tolist() == [4, 5]
     b = ds[1]
     assert b["tokens"].shape == (3, 6)
     assert b["scores"].tolist() == pytest.approx([0.1, 0.9, 0.5])
@@ -213,7 +214,8 @@ def test_rl_prompts(tmp_path):
     assert s["position_ids"].tolist() == [0, 0, 0, 1, 2]
     assert int(s["prompt_length"]) == 3
     assert s["labels"].tolist() == [N] * 5 and s["loss_mask"].sum() == 0
-    assert ds[1]["tokens"].tolist() == [2, 3, 4, 5, 6]  # the last 4 ids of <s> a b c d
+    # <s> a b c d cut to 4: BOS stays in front of the last 3 ids
+    assert ds[1]["tokens"].tolist() == [2, 1, 4, 5, 6] and ds.truncated == 1
 
 
 def test_sample_stats_cli(tmp_path, capsys):

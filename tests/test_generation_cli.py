@@ -154,8 +154,8 @@ def test_chat_and_stop_strings_in_process(ckpt, reference, tmp_path):
     assert (tmp_path / "s.txt").read_text() == _escape(base[: base.find(stop)]) + "\n"
     cli.run(cli.build_parser().parse_args(common + ["--output-file", str(tmp_path / "c.txt"),
                                                     "--chat"]), log=quiet)
-    chat_ids = tok.tokenize(tok.apply_chat_template([{"role": "user", "content":
-                                                      "Hello world, this is"}], True))
+    chat_ids = list(tok.apply_chat_template([{"role": "user", "content": "Hello world, this is"}],
+                                            True, tokenize=True))
     assert chat_ids[-3:] == tok.tokenize("<|assistant|>\n")[-3:]  # the default template
     from megatron_patch.generation import SamplingParams, generate
 

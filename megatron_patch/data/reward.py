@@ -4,10 +4,15 @@
 Each item holds K candidate sequences (K = 2 for pairs, chosen first, scores [1, 0]; K = the list
 length for listwise records, in the record's order): ``tokens``/``labels``/``loss_mask``/
 ``position_ids`` of shape [K, L], ``attention_mask`` None, ``scores`` [K] float and ``lengths`` [K]
-(real tokens per row; the reward is read at ``lengths - 1``). A sequence is
+(real tokens per row; the reward is read at ``lengths - 1``). A row is
 ``[bos] + prompt + response + [eos]`` with the prompt used verbatim (format it beforehand, e.g.
-``"Human: ...\\n\\nAssistant: "``); labels are shifted and the prompt masked (-100) as in ``sft``.
-Malformed records are reported with file:line and skipped; all-bad input raises ``ValueError``.
+``"Human: ...\\n\\nAssistant: "``), eos included as the last input token: the reward is read at
+eos, where PPO reads it on a generated response that ended (a row cut to the sequence length is
+read at its last token, as PPO reads a response that did not end). Labels are shifted and the
+prompt masked (-100) as in ``sft`` (the reward loss does not use them). Malformed records are
+reported with file:line and skipped; a pair whose candidates are the same tokens (``chosen ==
+rejected``, or both cut to the same prefix) and a list whose scores all tie carry no preference
+and are skipped and counted as well; all-bad input raises ``ValueError``.
 """
 from __future__ import annotations
 
@@ -56,14 +61,29 @@ class RewardDataset(Dataset):
         for path, n, obj in records:
             try:
                 cands, scores = encode_reward_record(tokenizer, obj, add_bos)
-            except (ValueError, TypeError) as e:
-                self.bad.add(path, n, "bad-reward-record", str(e)[:80])
+            except Exception as e:  # noqa: BLE001 -- the format or the tokenizer refuses it
+                self.bad.add(path, n, "bad-reward-record", f"{type(e).__name__}: {e}"[:120])
                 continue
-            self.items.append(([shift_and_mask(ids, m, self.max_tokens) for ids, m in cands],
-                               scores))
+            # ids + one more position: the rows' tokens keep eos (see the module docstring)
+            rows = [shift_and_mask(list(ids) + [self.pad_id], list(m) + [False], self.max_tokens)
+                    for ids, m in cands]
+            if len(set(scores)) < 2:
+                self.bad.add(path, n, "tied-scores", "every candidate has the same score")
+                continue
+            if len({tuple(t) for t, _ in rows}) < len(rows):
+                self.bad.add(path, n, "identical-candidates",
+                             "two candidates are the same tokens (after the cut to "
+                             f"{self.max_tokens})")
+                continue
+            self.items.append((rows, scores))
         if not self.items:
             raise ValueError(f"reward data {paths!r}: every record is malformed "
                              f"({self.bad.examples[:3]})")
+        if self.bad:
+            import sys
+
+            print(f"reward data: {self.bad.total} records skipped {dict(self.bad.counts)}: "
+                  f"{self.bad.examples[:5]}", file=sys.stderr)
 
     def __len__(self) -> int:
         return len(self.items)

@@ -3,7 +3,8 @@
 Items are left-padded to ``pad_len`` (generation appends on the right): ``tokens`` [L] (pad id on
 the left), ``attention_mask`` None, ``position_ids`` [L] (0 on padding, then 0, 1, ... over the
 prompt), ``labels`` all -100 and ``loss_mask`` zeros (nothing of a prompt is trained on), and
-``prompt_length`` (real tokens). Prompts longer than ``max_prompt_len`` keep their *last* tokens.
+``prompt_length`` (real tokens). Prompts longer than ``max_prompt_len`` keep their *last* tokens
+(BOS, when they start with it, stays in front), counted in ``self.truncated`` and reported.
 With ``use_chat_template`` the prompt is rendered as a user turn plus the generation prompt.
 ``self.prompts[i]`` is the text. Malformed records are reported with file:line and skipped.
 """
@@ -19,7 +20,7 @@ from megatron_patch.data.text_io import load_records
 
 
 def prompt_text(obj) -> str:
-    if isinstance(obj, str):
+    if isinstance(obj, str) and obj.strip():
         return obj
     if isinstance(obj, dict):
         for k in ("prompt", "query"):
@@ -39,23 +40,39 @@ class PromptDataset(Dataset):
         records, self.bad = load_records(paths, "RL prompts")
         self.prompts: List[str] = []
         self.ids: List[List[int]] = []
+        self.truncated = 0
         for path, n, obj in records:
             try:
                 text = prompt_text(obj)
-            except ValueError as e:
-                self.bad.add(path, n, "bad-prompt-record", str(e)[:80])
+                if use_chat_template:
+                    ids = list(tokenizer.apply_chat_template(
+                        [{"role": "user", "content": text}], add_generation_prompt=True,
+                        tokenize=True))
+                else:
+                    ids = ([tokenizer.bos] if _use_bos(tokenizer, add_bos) else []) + \
+                        list(tokenizer.tokenize(text))
+                if not ids:
+                    raise ValueError("the prompt tokenizes to nothing")
+            except Exception as e:  # noqa: BLE001 -- the format, template or tokenizer refuses it
+                self.bad.add(path, n, "bad-prompt-record", f"{type(e).__name__}: {e}"[:120])
                 continue
-            if use_chat_template:
-                ids = list(tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                         add_generation_prompt=True, tokenize=True))
-            else:
-                ids = ([tokenizer.bos] if _use_bos(tokenizer, add_bos) else []) + \
-                    tokenizer.tokenize(text)
+            if len(ids) > self.max_tokens:
+                self.truncated += 1
+                bos = getattr(tokenizer, "bos", None)
+                lead = ids[:1] if bos is not None and ids[0] == bos and self.max_tokens > 1 else []
+                ids = lead + ids[len(ids) - (self.max_tokens - len(lead)):]
             self.prompts.append(text)
-            self.ids.append(ids[-self.max_tokens:])
+            self.ids.append(ids)
         if not self.ids:
             raise ValueError(f"RL prompts {paths!r}: every record is malformed "
                              f"({self.bad.examples[:3]})")
+        if self.bad or self.truncated:
+            import sys
+
+            print(f"RL prompts: {len(self.ids)} kept, {self.bad.total} bad records skipped "
+                  f"{dict(self.bad.counts)}{': ' + str(self.bad.examples[:5]) if self.bad else ''}"
+                  f", {self.truncated} cut from the left to {self.max_tokens} tokens",
+                  file=sys.stderr)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -40,6 +40,10 @@ ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write 
                           "\n\n### Response:\n")
 
 
+# the names --sft-format offers -> the formats detect_format names
+FORMAT_ALIASES = {"query_response": "query", "messages": "chat"}
+
+
 def detect_format(obj) -> Optional[str]:
     """``alpaca``, ``query``, ``chat`` or None for a record."""
     if not isinstance(obj, dict):
@@ -95,20 +99,13 @@ def encode_chat(tokenizer, messages: Sequence[dict], add_bos: Optional[bool] = N
         raise ValueError("conversation has no assistant turn")
     if tokenizer.chat_template is None:
         # default template, segment by segment: "<|role|>\n" + content + "\n", eos after assistant
+        # (the ids inference gets from apply_chat_template(..., tokenize=True))
+        from megatron_patch.tokenizer.base import default_chat_ids
+
         ids: List[int] = [tokenizer.bos] if _use_bos(tokenizer, add_bos) else []
-        mask: List[bool] = [False] * len(ids)
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        for m in messages[:last + 1]:
-            if m["role"] == "assistant":
-                head = tokenizer.tokenize("<|assistant|>\n")
-                body = tokenizer.tokenize(m["content"] + "\n") + [tokenizer.eos]
-                ids += head + body
-                mask += [False] * len(head) + [True] * len(body)
-            else:
-                seg = tokenizer.tokenize(f"<|{m['role']}|>\n{m['content']}\n")
-                ids += seg
-                mask += [False] * len(seg)
-        return ids, mask
+        seg, seg_mask = default_chat_ids(tokenizer, messages[:last + 1])
+        return ids + seg, [False] * len(ids) + seg_mask
     # the tokenizer's template: render growing prefixes and diff them
     ids, mask = [], []
     for k, m in enumerate(messages):
@@ -132,7 +129,7 @@ def encode_chat(tokenizer, messages: Sequence[dict], add_bos: Optional[bool] = N
 def encode_record(tokenizer, obj, fmt: str = "auto", add_bos: Optional[bool] = None
                   ) -> Tuple[List[int], List[bool]]:
     """(ids, trainable flags) for one SFT record; raises ValueError when it is malformed."""
-    f = detect_format(obj) if fmt == "auto" else fmt
+    f = detect_format(obj) if fmt == "auto" else FORMAT_ALIASES.get(fmt, fmt)
     if f == "alpaca":
         return encode_prompt_response(tokenizer, alpaca_prompt(obj), obj["output"], add_bos)
     if f == "query":
@@ -279,8 +276,10 @@ class SFTDataset(Dataset):
         for path, n, obj in records:
             try:
                 ids, trainable = encode_record(tokenizer, obj, fmt, add_bos)
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                self.bad.add(path, n, "bad-sft-record", str(e)[:80])
+            except Exception as e:  # noqa: BLE001 -- a record the format, the chat template
+                # (jinja's TemplateError) or the tokenizer (a lone surrogate) refuses is one bad
+                # record, never the end of the dataset
+                self.bad.add(path, n, "bad-sft-record", f"{type(e).__name__}: {e}"[:120])
                 continue
             self.full_lengths.append(len(ids))
             if len(ids) > self.max_tokens + 1:
@@ -327,7 +326,7 @@ def token_lengths(paths, tokenizer, kind: str = "sft") -> List[int]:
                 from megatron_patch.data.rl import prompt_text
 
                 out.append(len(tokenizer.tokenize(prompt_text(obj))))
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except Exception:  # noqa: BLE001 -- bad records are the datasets' to report
             continue
     return out
 

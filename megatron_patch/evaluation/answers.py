@@ -100,11 +100,13 @@ def _append(path: str, rec: dict) -> None:
         f.flush()
 
 
-def render_prompt(tokenizer, history: Sequence[dict], system_prompt: Optional[str]) -> str:
-    """The chat template text of the conversation so far plus the generation prompt."""
+def render_prompt(tokenizer, history: Sequence[dict], system_prompt: Optional[str],
+                  tokenize: bool = False):
+    """The chat template text of the conversation so far plus the generation prompt (its ids
+    with ``tokenize``: the template's special tokens as tokens, not text)."""
     msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
         list(history)
-    return tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=tokenize)
 
 
 def generate_answers(model_name: str, ckpt: str, questions: Sequence[Question], path: str,
@@ -118,7 +120,7 @@ def generate_answers(model_name: str, ckpt: str, questions: Sequence[Question], 
     import torch
 
     from megatron_patch.generation import SamplingParams, generate
-    from megatron_patch.generation.cli import (cut_at_stop, encode_prompts, stop_token_ids,
+    from megatron_patch.generation.cli import (cut_at_stop, fit_prompt, stop_token_ids,
                                                wants_bos)
     from megatron_patch.generation.loader import (GenerationSetupError, load_for_generation,
                                                   load_tokenizer, resolve_precision)
@@ -172,12 +174,13 @@ def generate_answers(model_name: str, ckpt: str, questions: Sequence[Question], 
             replies: List[List[str]] = [[] for _ in batch]
             for turn in range(max(len(q.turns) for q in batch)):
                 rows = [i for i, q in enumerate(batch) if turn < len(q.turns)]
-                texts = []
+                prompts = []
                 for i in rows:
                     histories[i].append({"role": "user", "content": batch[i].turns[turn]})
-                    texts.append(render_prompt(tokenizer, histories[i], settings.system_prompt))
-                prompts = encode_prompts(tokenizer, texts, chat=False, add_bos=add_bos,
-                                         max_prompt=max_prompt, warn=warn)
+                    prompts.append(fit_prompt(
+                        tokenizer, render_prompt(tokenizer, histories[i], settings.system_prompt,
+                                                 tokenize=True),
+                        add_bos=add_bos, max_prompt=max_prompt, warn=warn, index=len(prompts)))
                 params = SamplingParams(max_new_tokens=settings.max_new_tokens,
                                         greedy=temp <= 0, temperature=temp if temp > 0 else 1.0,
                                         top_k=max(settings.top_k, 0), top_p=settings.top_p,

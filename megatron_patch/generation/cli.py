@@ -163,30 +163,42 @@ def wants_bos(tokenizer, mode: str) -> bool:
         type(tokenizer).__name__ == "SentencePieceTokenizer"
 
 
+def fit_prompt(tokenizer, ids: Sequence[int], *, add_bos: bool, max_prompt: int, warn=print,
+               index: int = 0) -> List[int]:
+    """``ids`` with BOS in front (added with ``add_bos``, or kept where the ids start with it, a
+    chat template's), cut from the left to ``max_prompt`` tokens (BOS stays, alone if nothing
+    else fits)."""
+    ids = list(ids)
+    bos_id = getattr(tokenizer, "bos", None)
+    if ids and bos_id is not None and ids[0] == bos_id:  # the text (a chat template) has it
+        bos, ids = ids[:1], ids[1:]
+    else:
+        bos = [bos_id] if add_bos and bos_id is not None else []
+    room = max_prompt - len(bos)  # BOS stays in front of a cut prompt
+    if len(ids) > room:
+        warn(f"warning: prompt {index + 1} has {len(bos) + len(ids)} tokens, more than "
+             f"{max_prompt}: keeping its last {room}" + (" after BOS" if bos else ""))
+        ids = ids[-room:] if room > 0 else []
+    return bos + ids
+
+
 def encode_prompts(tokenizer, texts: Sequence[str], *, chat: bool, add_bos: bool, max_prompt: int,
                    warn=print) -> List[List[int]]:
     """Token ids per prompt ([] for an empty prompt), cut from the left to ``max_prompt`` tokens
-    (BOS, when added, is kept in front)."""
+    (BOS, when added, is kept in front). With ``chat`` the ids come from the chat template
+    itself (its special tokens are tokens, not their text)."""
     out = []
     for i, t in enumerate(texts):
         if not t.strip():
             out.append([])
             continue
         if chat:
-            t = tokenizer.apply_chat_template([{"role": "user", "content": t}],
-                                              add_generation_prompt=True)
-        ids = list(tokenizer.tokenize(t))
-        bos_id = getattr(tokenizer, "bos", None)
-        if ids and bos_id is not None and ids[0] == bos_id:  # the text (a chat template) has it
-            bos, ids = ids[:1], ids[1:]
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": t}],
+                                                add_generation_prompt=True, tokenize=True)
         else:
-            bos = [bos_id] if add_bos else []
-        room = max_prompt - len(bos)  # BOS stays in front of a cut prompt
-        if len(ids) > room:
-            warn(f"warning: prompt {i + 1} has {len(bos) + len(ids)} tokens, more than "
-                 f"{max_prompt}: keeping its last {room}" + (" after BOS" if bos else ""))
-            ids = ids[-room:] if room > 0 else []
-        out.append(bos + ids)
+            ids = tokenizer.tokenize(t)
+        out.append(fit_prompt(tokenizer, ids, add_bos=add_bos, max_prompt=max_prompt, warn=warn,
+                              index=i))
     return out
 
 

@@ -112,9 +112,11 @@ class App:
         self.text_stop_ids = stop_token_ids(tokenizer, False)
         self._tok_lock = threading.Lock()
 
-    def encode(self, text: str) -> List[int]:
-        with self._tok_lock:
-            ids = list(self.tok.tokenize(text)) if text else []
+    def encode(self, text: str, ids: Optional[List[int]] = None) -> List[int]:
+        """Prompt ids of ``text`` (or the given ``ids``, a chat template's), BOS in front."""
+        if ids is None:
+            with self._tok_lock:
+                ids = list(self.tok.tokenize(text)) if text else []
         bos = getattr(self.tok, "bos", None)
         if self.add_bos and bos is not None and (not ids or ids[0] != bos):
             ids = [int(bos)] + ids
@@ -129,12 +131,15 @@ class App:
         if kind == "chat":
             messages, params = protocol.parse_chat(body)
             with self._tok_lock:
-                text = self.tok.apply_chat_template(messages, add_generation_prompt=True)
+                # ids straight from the template: its special tokens (a SentencePiece
+                # template's <s>, </s>) are those tokens, not their text
+                chat_ids = list(self.tok.apply_chat_template(messages, add_generation_prompt=True,
+                                                             tokenize=True))
             stop_ids, prefix = self.chat_stop_ids, "chatcmpl"
         else:
             text, params = protocol.parse_completion(body)
             stop_ids, prefix = self.text_stop_ids, "cmpl"
-        ids = self.encode(text)
+        ids = self.encode(text) if kind != "chat" else self.encode("", chat_ids)
         max_tokens = protocol.fit_max_tokens(len(ids), params.max_tokens, self.seq_length,
                                              self.default_max_tokens,
                                              "messages" if kind == "chat" else "prompt")

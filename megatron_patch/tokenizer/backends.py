@@ -291,7 +291,33 @@ class SentencePieceTokenizer(PatchTokenizer):
         text = _render_jinja(tpl, messages, add_generation_prompt,
                              bos_token=self.sp.id_to_piece(self._bos) if self._bos is not None else "",
                              eos_token=self.sp.id_to_piece(self._eos), **kwargs)
-        return self.tokenize(text) if tokenize else text
+        return self._tokenize_template_text(text) if tokenize else text
+
+    def _tokenize_template_text(self, text: str) -> List[int]:
+        """Ids of a rendered chat template: the model's control pieces written in it (``<s>``,
+        ``</s>``, ``[INST]`` where it is one) are those tokens, as ``transformers`` reads its
+        special tokens in template text; the text between them is encoded as usual. (Plain
+        ``tokenize`` keeps reading them as text, so data cannot inject control tokens.)"""
+        import re
+
+        if not hasattr(self, "_control_re"):
+            control = {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size())
+                       if self.sp.is_control(i)}
+            self._control = control
+            self._control_re = re.compile("|".join(
+                re.escape(p) for p in sorted(control, key=len, reverse=True))) if control else None
+        if self._control_re is None:
+            return self.tokenize(text)
+        ids: List[int] = []
+        pos = 0
+        for m in self._control_re.finditer(text):
+            if m.start() > pos:
+                ids += self.sp.encode(text[pos:m.start()])
+            ids.append(self._control[m.group()])
+            pos = m.end()
+        if pos < len(text):
+            ids += self.sp.encode(text[pos:])
+        return ids
 
     @property
     def files(self) -> List[str]:

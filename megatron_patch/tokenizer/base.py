@@ -42,6 +42,33 @@ def render_default_chat(messages: Sequence[dict], add_generation_prompt: bool = 
     return "".join(parts)
 
 
+def default_chat_ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False):
+    """(ids, trainable flags) of the default template, tokenised segment by segment, the one
+    tokenisation both SFT (``data.sft.encode_chat``) and inference (``apply_chat_template(...,
+    tokenize=True)``) use: ``<|role|>\\n{content}\\n`` per message; an assistant turn is
+    ``<|assistant|>\\n`` then ``{content}\\n`` + eos (trainable); the generation prompt is
+    ``<|assistant|>\\n``. (Tokenising the rendered text whole differs at the segment starts for
+    SentencePiece, which gives every segment a leading ``▁``: a model trained on one would be
+    prompted with the other.)"""
+    ids: List[int] = []
+    mask: List[bool] = []
+    for m in messages:
+        if m["role"] == "assistant":
+            head = list(tokenizer.tokenize("<|assistant|>\n"))
+            body = list(tokenizer.tokenize(m["content"] + "\n")) + [tokenizer.eos]
+            ids += head + body
+            mask += [False] * len(head) + [True] * len(body)
+        else:
+            seg = list(tokenizer.tokenize(f"<|{m['role']}|>\n{m['content']}\n"))
+            ids += seg
+            mask += [False] * len(seg)
+    if add_generation_prompt:
+        head = list(tokenizer.tokenize("<|assistant|>\n"))
+        ids += head
+        mask += [False] * len(head)
+    return ids, mask
+
+
 class PatchTokenizer(MegatronTokenizerBase, MegatronLegacyTokenizer):
     """Common part of all tokenizer families; subclasses implement the ``_``-prefixed hooks."""
 
@@ -169,9 +196,11 @@ class PatchTokenizer(MegatronTokenizerBase, MegatronLegacyTokenizer):
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False,
                             tokenize: bool = False, **kwargs):
-        """Render ``messages`` (``[{role, content}]``) to text (or ids when ``tokenize``)."""
-        text = render_default_chat(messages, add_generation_prompt)
-        return self.tokenize(text) if tokenize else text
+        """Render ``messages`` (``[{role, content}]``) to text, or with ``tokenize`` to the ids
+        SFT trains on (``default_chat_ids``: segment by segment, eos after assistant turns)."""
+        if tokenize:
+            return default_chat_ids(self, messages, add_generation_prompt)[0]
+        return render_default_chat(messages, add_generation_prompt)
 
     # ---- files -------------------------------------------------------------------------------
     @property
