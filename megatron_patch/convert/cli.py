@@ -102,7 +102,8 @@ def _env_int(name: str, default: int, minimum: int) -> int:
 def run(args) -> None:
     from megatron_patch.convert import engine
 
-    dtype = os.environ.get("CONVERT_DTYPE") or getattr(args, "dtype", None)
+    # an explicit --dtype wins over the environment's CONVERT_DTYPE
+    dtype = getattr(args, "dtype", None) or os.environ.get("CONVERT_DTYPE") or None
     if args.cmd == "auto":
         if args.mg2hf:
             if not _is_megatron(args.source):

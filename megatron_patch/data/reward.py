@@ -31,13 +31,13 @@ def encode_reward_record(tokenizer, obj, add_bos: Optional[bool] = None
     if not isinstance(obj, dict):
         raise ValueError("record is not an object")
     if "chosen" in obj or "rejected" in obj:
-        prompt = obj.get("prompt", obj.get("query"))
+        prompt = obj.get("prompt") if isinstance(obj.get("prompt"), str) else obj.get("query")
         chosen, rejected = obj.get("chosen"), obj.get("rejected")
         if not all(isinstance(x, str) for x in (prompt, chosen, rejected)):
             raise ValueError("pair records need string prompt, chosen and rejected")
         cands, scores = [chosen, rejected], [1.0, 0.0]
     else:
-        prompt = obj.get("query", obj.get("prompt"))
+        prompt = obj.get("query") if isinstance(obj.get("query"), str) else obj.get("prompt")
         cands, scores = obj.get("response"), obj.get("score")
         if not isinstance(prompt, str) or not isinstance(cands, list) or len(cands) < 2 \
                 or not all(isinstance(c, str) for c in cands):
