@@ -206,17 +206,18 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _expand(text: str, env: Dict[str, str], where: str, i: int = 0, nested: bool = False):
-    """(expanded text, end index, references) of ``text`` from ``i``: ``${NAME}``,
+    """(expanded text, end index, [(start, end)] of its references) of ``text`` from ``i``: ``${NAME}``,
     ``${NAME:default}`` (the default may hold ``}`` inside nested references and is itself
     expanded; a variable set to the empty string takes the default, as the shell's
     ``${NAME:-default}``), ``$${`` for a literal ``${``. With ``nested``, stops at the ``}`` that
     closes the enclosing default."""
-    out, refs = [], 0
+    out, spans = [], []
     while i < len(text):
         if text.startswith("$${", i):
             out.append("${")
             i += 3
         elif text.startswith("${", i):
+            start = i
             m = _NAME.match(text, i + 2)
             _check(m is not None, f"{where}: '${{' not followed by a variable name in {text!r} "
                                   "(write $${ for a literal ${)")
@@ -232,9 +233,9 @@ def _expand(text: str, env: Dict[str, str], where: str, i: int = 0, nested: bool
             _check(value is not None, f"{where}: environment variable {name} is not set "
                                       f"(${{{name}}} has no default)")
             out.append(value)
-            refs += 1
+            spans.append((start, i))
         elif nested and text[i] == "}":
-            return "".join(out), i, refs
+            return "".join(out), i, spans
         else:
             j = text.find("$", i + 1)
             j = len(text) if j < 0 else j
@@ -243,7 +244,7 @@ def _expand(text: str, env: Dict[str, str], where: str, i: int = 0, nested: bool
                 j = min(j, k) if k >= 0 else j
             out.append(text[i:j])
             i = j
-    return "".join(out), i, refs
+    return "".join(out), i, spans
 
 
 def _subst(value, env: Dict[str, str], where: str):
@@ -251,29 +252,8 @@ def _subst(value, env: Dict[str, str], where: str):
     becomes the YAML scalar its text spells (``${TP:2}`` -> 2, ``${X:}`` -> null)."""
     if not isinstance(value, str) or "$" not in value:
         return value
-    text, _, _ = _expand(value, env, where)
-    return _scalar(text) if _one_reference(value) else text
-
-
-def _one_reference(value: str) -> bool:
-    """Whether ``value`` is exactly one ``${...}`` reference (its closing brace is the last
-    character)."""
-    m = _NAME.match(value, 2)
-    if m is None:
-        return False
-    i = m.end()
-    if value.startswith(":", i):
-        try:
-            _, i, _ = _expand(value, _AnyEnv(), "", i + 1, nested=True)
-        except RLHFConfigError:
-            return False
-    return i == len(value) - 1 and value[i] == "}"
-
-
-class _AnyEnv(dict):
-    """Every variable set (to 'x'): for scanning the structure of a reference only."""
-    def get(self, key, default=None):
-        return "x"
+    text, _, spans = _expand(value, env, where)
+    return _scalar(text) if spans == [(0, len(value))] else text
 
 
 def _subst_tree(data, origins: dict, env: Dict[str, str], default: str, prefix=()):
