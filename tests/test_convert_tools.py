@@ -132,6 +132,59 @@ def test_python_aliases(tmp_path):
     assert cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"
 
 
+def test_convert_py_tokenizer_model(tmp_path, capsys):
+    """--tokenizer-model lands in the target with the weights (copied before the target's atomic
+    rename, so a failed conversion leaves neither); a mistyped path is an error before any work,
+    not a checkpoint without its tokenizer; a folder stands for the tokenizer files in it."""
+    from megatron_patch.convert import engine
+
+    hf = tmp_path / "hf"
+    build_hf(_llama(), str(hf))
+    conv = _tool("convert.py")
+    base = ["--loader", "llama2_hf", "--saver", "megatron", "--load-dir", str(hf)]
+    assert conv.main(base + ["--save-dir", str(tmp_path / "a"), "--tokenizer-model",
+                             str(tmp_path / "nope.model")]) == 1
+    assert "nope.model does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "empty").mkdir()
+    assert conv.main(base + ["--save-dir", str(tmp_path / "a"), "--tokenizer-model",
+                             str(tmp_path / "empty")]) == 1
+    assert "holds none of" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    spm = tmp_path / "tokenizer.model"
+    spm.write_bytes(b"\x00sentencepiece-bytes")
+    assert conv.main(base + ["--save-dir", str(tmp_path / "a"), "--tokenizer-model",
+                             str(spm)]) == 0
+    assert (tmp_path / "a" / "tokenizer.model").read_bytes() == spm.read_bytes()
+    tokdir = tmp_path / "tok"
+    tokdir.mkdir()
+    (tokdir / "tokenizer.json").write_text("{}")
+    (tokdir / "unrelated.txt").write_text("x")
+    assert conv.main(["--loader", "megatron", "--saver", "hf", "--load-dir", str(tmp_path / "a"),
+                      "--save-dir", str(tmp_path / "b"), "--tokenizer-model", str(tokdir)]) == 0
+    assert (tmp_path / "b" / "tokenizer.json").read_text() == "{}"
+    assert not (tmp_path / "b" / "unrelated.txt").exists()
+    # the copy happens inside the staging folder: a copy that fails leaves no target behind
+    real = engine.shutil.copy2
+
+    def broken(src, dst, *a, **k):
+        if os.path.basename(src) == "tokenizer.model" and ".partial-" in dst:
+            raise OSError("disk full")
+        return real(src, dst, *a, **k)
+
+    engine.shutil.copy2 = broken
+    try:
+        try:
+            conv.main(base + ["--save-dir", str(tmp_path / "c"), "--tokenizer-model", str(spm)])
+        except OSError:
+            pass
+        else:
+            raise AssertionError("the failed copy was not raised")
+    finally:
+        engine.shutil.copy2 = real
+    assert not (tmp_path / "c").exists()
+    assert not [n for n in os.listdir(tmp_path) if ".partial-" in n]
+
+
 def test_compare_tool(tmp_path):
     import torch
 

@@ -159,11 +159,37 @@ def stage_units(rows: Sequence[Row], arch, num_layers: int, pp: int, pp_rank: in
     return out
 
 
+def check_side_files(paths: Sequence[str]) -> List[str]:
+    """``paths`` as readable files to copy into a conversion's target: a folder stands for the
+    tokenizer files it holds (``hf_io.TOKENIZER_FILES``); a missing path, or a folder without any
+    of them, is a ConversionError (a mistyped tokenizer path is not left out silently)."""
+    out: List[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = [os.path.join(p, n) for n in hf_io.TOKENIZER_FILES
+                     if os.path.isfile(os.path.join(p, n))]
+            if not found:
+                raise ConversionError(f"tokenizer folder {p} holds none of "
+                                      f"{', '.join(hf_io.TOKENIZER_FILES)}")
+            out.extend(found)
+        elif os.path.isfile(p):
+            if not os.access(p, os.R_OK):
+                raise ConversionError(f"tokenizer file {p} is not readable")
+            out.append(p)
+        else:
+            raise ConversionError(f"tokenizer {p} does not exist")
+    return out
+
+
 @contextlib.contextmanager
-def staging(target: str, overwrite: bool = False, sources: Sequence[str] = ()) -> Iterator[str]:
+def staging(target: str, overwrite: bool = False, sources: Sequence[str] = (),
+            side_files: Sequence[str] = ()) -> Iterator[str]:
     """A temporary folder beside ``target`` that becomes ``target`` only if the block succeeds.
     ``target`` may not be, hold or sit inside any of ``sources`` (an overwrite would delete the
-    source; a target inside it would add to it), checked before anything is written."""
+    source; a target inside it would add to it), checked before anything is written.
+    ``side_files``: more files (e.g. a tokenizer given apart from the checkpoint) copied in by
+    name after the block, before the rename: the target holds them from its first moment."""
+    side_files = check_side_files(side_files)
     if not str(target).strip():
         raise ConversionError("the target folder is empty")
     target = os.path.realpath(target)
@@ -184,6 +210,8 @@ def staging(target: str, overwrite: bool = False, sources: Sequence[str] = ()) -
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.partial-")
     try:
         yield tmp
+        for f in side_files:
+            shutil.copy2(f, os.path.join(tmp, os.path.basename(f)))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -363,8 +391,9 @@ def _first_float_dtype(source: HFSource, units) -> torch.dtype:
 def hf_to_megatron(hf_dir: str, target: str, *, tp: int = 1, pp: int = 1, ep: int = 1,
                    extra_vocab_size: int = 0, divisible_by: int = 128, dtype=None,
                    family: Optional[str] = None, overwrite: bool = False,
-                   log: Callable = print) -> dict:
-    """Convert an HF checkpoint folder into a Megatron legacy checkpoint at ``target``."""
+                   log: Callable = print, side_files: Sequence[str] = ()) -> dict:
+    """Convert an HF checkpoint folder into a Megatron legacy checkpoint at ``target``
+    (``side_files``: see ``staging``)."""
     dtype = _dtype(dtype)
     hf_config = hf_io.read_config(hf_dir)
     fam, arch = family_and_arch(hf_config, family)
@@ -400,7 +429,7 @@ def hf_to_megatron(hf_dir: str, target: str, *, tp: int = 1, pp: int = 1, ep: in
     padded = padded_vocab(orig_vocab, divisible_by, tp)
     ctx = shard_ctx(arch, tp, orig_vocab, padded)
     out_dtype = dtype or _first_float_dtype(source, units)
-    with staging(target, overwrite, (hf_dir,)) as tmp:
+    with staging(target, overwrite, (hf_dir,), side_files) as tmp:
         write_megatron(source.get, rows, arch, tmp, tp=tp, pp=pp, ep=ep, ctx=ctx, dtype=dtype,
                        log=log)
         meta = _meta(fam, arch, hf_config, tp, pp, ep, padded, orig_vocab, hf_vocab,
@@ -478,16 +507,18 @@ def legacy_source(mg_dir: str, iteration, target: str, log: Callable = print):
 
 
 def megatron_to_hf(mg_dir: str, target: str, *, dtype=None, max_shard_bytes: int = 2 * 1024 ** 3,
-                   iteration=None, overwrite: bool = False, log: Callable = print) -> dict:
+                   iteration=None, overwrite: bool = False, log: Callable = print,
+                   side_files: Sequence[str] = ()) -> dict:
     """Convert a Megatron checkpoint (converted or written by training; legacy or torch_dist) into
     an HF folder with safetensors shards, an index, config.json and the tokenizer files."""
     with legacy_source(mg_dir, iteration, target, log) as (src_dir, it):
         return _megatron_to_hf(src_dir, target, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                               iteration=it, overwrite=overwrite, log=log, label=mg_dir)
+                               iteration=it, overwrite=overwrite, log=log, label=mg_dir,
+                               side_files=side_files)
 
 
 def _megatron_to_hf(mg_dir: str, target: str, *, dtype, max_shard_bytes, iteration, overwrite,
-                    log, label) -> dict:
+                    log, label, side_files=()) -> dict:
     dtype = _dtype(dtype)
     meta, hf_config, fam, arch, reader = _open_megatron(mg_dir, iteration)
     rows, units, reward = _megatron_units(meta, fam, arch, reader)
@@ -495,7 +526,7 @@ def _megatron_to_hf(mg_dir: str, target: str, *, dtype, max_shard_bytes, iterati
     src = MegatronSource(reader, units, shard_ctx(arch, reader.tp, orig, padded))
     if reader.dropped:
         log(f"note: {', '.join(reader.dropped)} of the training checkpoint not converted")
-    with staging(target, overwrite, (label, mg_dir)) as tmp:
+    with staging(target, overwrite, (label, mg_dir), side_files) as tmp:
         w = hf_io.HFWriter(tmp, max_shard_bytes, dtype)
         file_prefix, map_prefix = meta.get("hf_key_prefix") or (None, None)
         for u in units:
@@ -520,17 +551,17 @@ def _megatron_to_hf(mg_dir: str, target: str, *, dtype, max_shard_bytes, iterati
 
 def reshard(mg_dir: str, target: str, *, tp: int = 1, pp: int = 1, ep: int = 1, dtype=None,
             divisible_by: Optional[int] = None, iteration=None, overwrite: bool = False,
-            log: Callable = print) -> dict:
+            log: Callable = print, side_files: Sequence[str] = ()) -> dict:
     """Megatron -> Megatron (legacy output) at another TP/PP/EP, from a legacy or torch_dist
     checkpoint (model weights only; training state is dropped with a note)."""
     with legacy_source(mg_dir, iteration, target, log) as (src_dir, it):
         return _reshard(src_dir, target, tp=tp, pp=pp, ep=ep, dtype=dtype,
                         divisible_by=divisible_by, iteration=it, overwrite=overwrite, log=log,
-                        label=mg_dir)
+                        label=mg_dir, side_files=side_files)
 
 
 def _reshard(mg_dir: str, target: str, *, tp, pp, ep, dtype, divisible_by, iteration, overwrite,
-             log, label) -> dict:
+             log, label, side_files=()) -> dict:
     dtype = _dtype(dtype)
     meta, hf_config, fam, arch, reader = _open_megatron(mg_dir, iteration)
     check_layout(arch, tp, pp, ep)
@@ -547,7 +578,7 @@ def _reshard(mg_dir: str, target: str, *, tp, pp, ep, dtype, divisible_by, itera
         log(f"note: {', '.join(reader.dropped)} of the training checkpoint dropped; the resharded "
             "checkpoint holds model weights only")
     ctx = shard_ctx(arch, tp, orig, padded)
-    with staging(target, overwrite, (label, mg_dir)) as tmp:
+    with staging(target, overwrite, (label, mg_dir), side_files) as tmp:
         write_megatron(src.get, rows, arch, tmp, tp=tp, pp=pp, ep=ep, ctx=ctx, dtype=dtype, log=log)
         new_meta = dict(meta) if meta else {}
         new_meta.update(_meta(

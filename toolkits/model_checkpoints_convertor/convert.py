@@ -12,7 +12,6 @@ accepted for compatibility and ignored: the vocabulary comes from the HF checkpo
 """
 import argparse
 import os
-import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -31,7 +30,9 @@ def main(argv=None) -> int:
     p.add_argument("--target-tensor-parallel-size", type=int, default=1)
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
     p.add_argument("--target-expert-parallel-size", type=int, default=1)
-    p.add_argument("--tokenizer-model", default=None)
+    p.add_argument("--tokenizer-model", default=None,
+                   help="a tokenizer file (e.g. tokenizer.model) or a folder of tokenizer files, "
+                        "copied into the target with the weights")
     p.add_argument("--megatron-path", default=None)
     p.add_argument("--true-vocab-size", type=int, default=None, help="accepted, ignored")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
@@ -51,21 +52,23 @@ def main(argv=None) -> int:
 
     tp, pp, ep = (a.target_tensor_parallel_size, a.target_pipeline_parallel_size,
                   a.target_expert_parallel_size)
+    if hf_in and saver in _HF:
+        p.error("HF -> HF is not a conversion")
+    # copied into the staging folder with the weights: the target appears whole or not at all
+    side = [a.tokenizer_model] if a.tokenizer_model else []
     try:
+        engine.check_side_files(side)  # a mistyped path: an error before any conversion work
         if hf_in and saver in _MG:
             engine.hf_to_megatron(a.load_dir, a.save_dir, tp=tp, pp=pp, ep=ep, dtype=a.dtype,
-                                  divisible_by=a.make_vocab_size_divisible_by)
+                                  divisible_by=a.make_vocab_size_divisible_by, side_files=side)
         elif mg_in and saver in _HF:
-            engine.megatron_to_hf(a.load_dir, a.save_dir, dtype=a.dtype)
-        elif mg_in and saver in _MG:
-            engine.reshard(a.load_dir, a.save_dir, tp=tp, pp=pp, ep=ep, dtype=a.dtype)
+            engine.megatron_to_hf(a.load_dir, a.save_dir, dtype=a.dtype, side_files=side)
         else:
-            p.error("HF -> HF is not a conversion")
+            engine.reshard(a.load_dir, a.save_dir, tp=tp, pp=pp, ep=ep, dtype=a.dtype,
+                           side_files=side)
     except engine.ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if a.tokenizer_model and os.path.isfile(a.tokenizer_model):
-        shutil.copy2(a.tokenizer_model, os.path.join(a.save_dir, os.path.basename(a.tokenizer_model)))
     return 0
 
 
