@@ -124,3 +124,16 @@ def test_rl_prompts_keep_bos_and_report(tmp_path, sp, capsys):
     assert ds.ids[0][1:] == ([sp.bos] + sp.tokenize(rows[0]["prompt"]))[-3:]
     err = capsys.readouterr().err
     assert "RL prompts: 2 kept, 4 bad records skipped" in err and "1 cut from the left" in err
+
+
+def test_cut_left_keeps_bos():
+    """RL prompts and generation prompts are cut by one rule: the last tokens, a leading BOS kept
+    in front (alone when only one token fits); nothing to cut, nothing changes."""
+    from megatron_patch.data.rl import cut_left
+
+    assert cut_left([1, 5, 6, 7], 3, 1) == [1, 6, 7]
+    assert cut_left([1, 5, 6, 7], 1, 1) == [1]
+    assert cut_left([5, 6, 7], 2, 1) == [6, 7]
+    assert cut_left([5, 6, 7], 2, None) == [6, 7]
+    assert cut_left([1, 5], 2, 1) == [1, 5]
+    assert cut_left([], 2, 1) == []

@@ -10,7 +10,7 @@ With ``use_chat_template`` the prompt is rendered as a user turn plus the genera
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -27,6 +27,18 @@ def prompt_text(obj) -> str:
             if isinstance(obj.get(k), str) and obj[k]:
                 return obj[k]
     raise ValueError("RL prompt records need a non-empty string 'prompt' or 'query'")
+
+
+def cut_left(ids: Sequence[int], limit: int, bos_id: Optional[int]) -> List[int]:
+    """The last ``limit`` tokens of ``ids``; a leading ``bos_id`` stays in front (the model
+    was trained with it there), alone when ``limit`` is 1. (Generation's prompts are cut the same
+    way: ``generation.cli.fit_prompt``.)"""
+    ids = list(ids)
+    if len(ids) <= limit:
+        return ids
+    lead = ids[:1] if bos_id is not None and ids and ids[0] == bos_id else []
+    room = max(int(limit) - len(lead), 0)
+    return lead + (ids[len(ids) - room:] if room else [])
 
 
 class PromptDataset(Dataset):
@@ -58,9 +70,7 @@ class PromptDataset(Dataset):
                 continue
             if len(ids) > self.max_tokens:
                 self.truncated += 1
-                bos = getattr(tokenizer, "bos", None)
-                lead = ids[:1] if bos is not None and ids[0] == bos and self.max_tokens > 1 else []
-                ids = lead + ids[len(ids) - (self.max_tokens - len(lead)):]
+                ids = cut_left(ids, self.max_tokens, getattr(tokenizer, "bos", None))
             self.prompts.append(text)
             self.ids.append(ids)
         if not self.ids:

@@ -167,19 +167,20 @@ def fit_prompt(tokenizer, ids: Sequence[int], *, add_bos: bool, max_prompt: int,
                index: int = 0) -> List[int]:
     """``ids`` with BOS in front (added with ``add_bos``, or kept where the ids start with it, a
     chat template's), cut from the left to ``max_prompt`` tokens (BOS stays, alone if nothing
-    else fits)."""
+    else fits: ``data.rl.cut_left``, as RL prompts are cut)."""
+    from megatron_patch.data.rl import cut_left
+
     ids = list(ids)
     bos_id = getattr(tokenizer, "bos", None)
-    if ids and bos_id is not None and ids[0] == bos_id:  # the text (a chat template) has it
-        bos, ids = ids[:1], ids[1:]
-    else:
-        bos = [bos_id] if add_bos and bos_id is not None else []
-    room = max_prompt - len(bos)  # BOS stays in front of a cut prompt
-    if len(ids) > room:
-        warn(f"warning: prompt {index + 1} has {len(bos) + len(ids)} tokens, more than "
-             f"{max_prompt}: keeping its last {room}" + (" after BOS" if bos else ""))
-        ids = ids[-room:] if room > 0 else []
-    return bos + ids
+    if add_bos and bos_id is not None and not (ids and ids[0] == bos_id):
+        ids = [bos_id] + ids
+    if len(ids) > max_prompt:
+        has_bos = bos_id is not None and ids[0] == bos_id
+        room = max(max_prompt - int(has_bos), 0)
+        warn(f"warning: prompt {index + 1} has {len(ids)} tokens, more than {max_prompt}: "
+             f"keeping its last {room}" + (" after BOS" if has_bos else ""))
+        ids = cut_left(ids, max_prompt, bos_id)
+    return ids
 
 
 def encode_prompts(tokenizer, texts: Sequence[str], *, chat: bool, add_bos: bool, max_prompt: int,
