@@ -137,3 +137,23 @@ def test_cut_left_keeps_bos():
     assert cut_left([5, 6, 7], 2, None) == [6, 7]
     assert cut_left([1, 5], 2, 1) == [1, 5]
     assert cut_left([], 2, 1) == []
+
+
+def test_alpaca_fields_that_are_not_text_are_bad_records(tmp_path, sp):
+    """``input: 0`` / ``false`` / a list was trained as "no input" (``obj.get('input') or ''``),
+    a numeric instruction as its digits: each is now one counted bad record; a null or missing
+    input is still "no input"."""
+    ok = {"instruction": "Add", "input": "2 and 2", "output": "4"}
+    rows = [ok, {"instruction": "Add", "input": 0, "output": "4"},
+            {"instruction": "Add", "input": False, "output": "4"},
+            {"instruction": "Add", "input": ["2", "2"], "output": "4"},
+            {"instruction": 7, "output": "4"}, {"instruction": "Add", "output": 4},
+            {"instruction": "Say hi", "input": None, "output": "hi"},
+            {"instruction": "Say hi", "output": "hi"}]
+    ds = SFTDataset(_jsonl(tmp_path / "a.jsonl", rows), sp, seq_len=128)
+    assert len(ds) == 3 and ds.bad.counts == {"bad-sft-record": 5}, ds.bad.examples
+    assert any("'input' must be a string, got int" in e for e in ds.bad.examples)
+    assert encode_record(sp, rows[-2]) == encode_record(sp, rows[-1])
+    qr = {"query": 3, "response": "x"}
+    with pytest.raises(ValueError, match="'query' must be a string"):
+        encode_record(sp, qr, "query")

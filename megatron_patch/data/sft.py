@@ -73,11 +73,22 @@ def encode_prompt_response(tokenizer, prompt: str, response: str, add_bos: Optio
     return ids, [False] * n_prompt + [True] * (len(ids) - n_prompt)
 
 
+def _text(obj, key: str, optional: bool = False) -> str:
+    """obj[key] as a string; a missing/null optional field is "". Anything else (a number, a
+    boolean, a list) is a malformed record, not text: ``input: 0`` is not "no input"."""
+    v = obj.get(key)
+    if v is None and optional:
+        return ""
+    if not isinstance(v, str):
+        raise ValueError(f"{key!r} must be a string, got {type(v).__name__}")
+    return v
+
+
 def alpaca_prompt(obj) -> str:
-    inp = obj.get("input") or ""
+    instruction, inp = _text(obj, "instruction"), _text(obj, "input", optional=True)
     if inp.strip():
-        return ALPACA_PROMPT.format(instruction=obj["instruction"], input=inp)
-    return ALPACA_PROMPT_NO_INPUT.format(instruction=obj["instruction"])
+        return ALPACA_PROMPT.format(instruction=instruction, input=inp)
+    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -131,11 +142,12 @@ def encode_record(tokenizer, obj, fmt: str = "auto", add_bos: Optional[bool] = N
     """(ids, trainable flags) for one SFT record; raises ValueError when it is malformed."""
     f = detect_format(obj) if fmt == "auto" else FORMAT_ALIASES.get(fmt, fmt)
     if f == "alpaca":
-        return encode_prompt_response(tokenizer, alpaca_prompt(obj), obj["output"], add_bos)
+        return encode_prompt_response(tokenizer, alpaca_prompt(obj), _text(obj, "output"),
+                                      add_bos)
     if f == "query":
         return encode_prompt_response(
-            tokenizer, ALPACA_PROMPT_NO_INPUT.format(instruction=obj["query"]), obj["response"],
-            add_bos)
+            tokenizer, ALPACA_PROMPT_NO_INPUT.format(instruction=_text(obj, "query")),
+            _text(obj, "response"), add_bos)
     if f == "chat":
         return encode_chat(tokenizer, obj["messages"], add_bos)
     raise ValueError("not an SFT record (need instruction/output, query/response or messages)")
