@@ -157,3 +157,31 @@ def test_alpaca_fields_that_are_not_text_are_bad_records(tmp_path, sp):
     qr = {"query": 3, "response": "x"}
     with pytest.raises(ValueError, match="'query' must be a string"):
         encode_record(sp, qr, "query")
+
+
+REWRITING_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} "
+    "[/INST]{% else %}{% if loop.last %}{{ m['content'] }}{% else %}"
+    "{{ m['content'].split('</think>')[-1] }}{% endif %}{{ eos_token }}{% endif %}{% endfor %}")
+
+
+def test_template_that_rewrites_earlier_turns(tmp_path):
+    """A template that renders an earlier assistant turn differently from the last one (reasoning
+    models drop the earlier turns' <think> part): the ids are the whole conversation's rendering,
+    the last assistant turn is trained, the rewritten earlier turn is context only (its trained
+    form never appears in the sequence)."""
+    d = tmp_path / "tok"
+    d.mkdir()
+    shutil.copy(llama_model(), d / "tokenizer.model")
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": REWRITING_TEMPLATE}))
+    tok = build_tokenizer("auto", str(d))
+    msgs = [{"role": "user", "content": "a"},
+            {"role": "assistant", "content": "<think>x y</think> ans one"},
+            {"role": "user", "content": "b"},
+            {"role": "assistant", "content": "<think>z</think> ans two"}]
+    ids, mask = encode_chat(tok, msgs)
+    assert ids == list(tok.apply_chat_template(msgs, tokenize=True))
+    trained = tok.detokenize([i for i, m in zip(ids, mask) if m])
+    assert trained.endswith("<think>z</think> ans two") and "ans one" not in trained
+    assert mask[-1] and ids[-1] == tok.eos
+    assert "ans one" in tok.detokenize(ids) and "x y" not in tok.detokenize(ids)
