@@ -2,7 +2,9 @@
 
 ``llama_fields()`` is the LLaMA field list (layers, sizes, heads, KV groups, eps, vocab, positions,
 rope theta, tied head); ``finish_llama_like`` derives ``kv_channels`` and refuses rope scalings that
-megatron-core cannot express. Each family builds its own ``ConfigTable`` from these plus its consts.
+megatron-core cannot express; ``check_hidden_act`` refuses an MLP activation other than SiLU (the
+consts build SwiGLU, whatever ``hidden_act`` says). Each family builds its own ``ConfigTable`` from
+these plus its consts.
 """
 from __future__ import annotations
 
@@ -41,7 +43,19 @@ def llama_consts(qkv_bias: bool = False):
     ]
 
 
+# HF spellings of SiLU (ACT2FN): the only activation the SwiGLU consts express
+SILU_ACTS = ("silu", "swish")
+
+
+def check_hidden_act(hf: dict, family: str) -> None:
+    """Refuse ``hidden_act`` other than SiLU: the model would convert into a different one."""
+    act = hf.get("hidden_act") or hf.get("hidden_activation") or "silu"
+    if act not in SILU_ACTS:
+        raise ValueError(f"{family} hidden_act {act!r} is not supported (only silu)")
+
+
 def finish_llama_like(hf: dict, arch: MegatronArch, family: str) -> None:
+    check_hidden_act(hf, family)
     heads = arch.config["num_attention_heads"]
     arch.config["kv_channels"] = hf.get("head_dim") or arch.config["hidden_size"] // heads
     rs = rope_scaling_of(hf)

@@ -5,9 +5,11 @@ import torch.nn.functional as F
 
 from megatron_patch.models.common.config import (
     Const, ConfigTable, Field, MegatronArch, rope_scaling_of, rope_theta_get, rope_theta_put)
+from megatron_patch.models.common.llama_like import check_hidden_act
 
 
 def _finish(hf: dict, arch: MegatronArch) -> None:
+    check_hidden_act(hf, "LLaMA")
     heads = arch.config["num_attention_heads"]
     head_dim = hf.get("head_dim") or arch.config["hidden_size"] // heads
     arch.config["kv_channels"] = head_dim

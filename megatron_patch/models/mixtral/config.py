@@ -2,7 +2,11 @@
 
 Routing: HF takes the softmax over all experts, keeps the top k and renormalises them; megatron-core's
 default router (``moe_router_pre_softmax=False``) takes the top k logits and a softmax over them,
-which is the same distribution. Dropless (no capacity factor). On CPU the builder picks the
+which is the same distribution. One expert per token (``num_experts_per_tok=1``) is refused: HF
+renormalises its weight to 1, megatron-core requires the pre-softmax router then, which weighs it by
+its probability. ``router_jitter_noise`` applies in training only (``modules.TrainingJitterRouter``);
+note that HF jitters the MoE block's input (router and experts), megatron-core the router's input.
+Dropless (no capacity factor). On CPU the builder picks the
 ``allgather`` token dispatcher (gloo cannot gather uneven sizes).
 """
 from __future__ import annotations
@@ -14,6 +18,10 @@ from megatron_patch.models.common.llama_like import finish_llama_like, llama_con
 def _finish(hf: dict, arch: MegatronArch) -> None:
     finish_llama_like(hf, arch, "Mixtral")
     arch.config["moe_ffn_hidden_size"] = arch.config["ffn_hidden_size"]
+    if int(arch.config["moe_router_topk"]) < 2:
+        raise ValueError(f"Mixtral num_experts_per_tok={arch.config['moe_router_topk']} is not "
+                         "supported (at least 2: megatron-core's top-1 router does not renormalise "
+                         "the expert weight to 1 as transformers does)")
     if hf.get("sliding_window"):
         arch.config["window_size"] = (int(hf["sliding_window"]) - 1, 0)
     if hf.get("router_jitter_noise"):

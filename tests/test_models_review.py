@@ -1,0 +1,103 @@
+"""Model-family settings found in review where a converted model was not the HF model: each is
+now either implemented (logits equal ``transformers`` in fp32) or refused at conversion with an error
+that names it, before anything is written.
+
+- LLaMA-shaped families (LLaMA, Qwen2, Mistral, Mixtral, GLM) build SwiGLU whatever ``hidden_act``
+  says: a ``gelu`` / ``gelu_pytorch_tanh`` config converted silently into a different model.
+- Mixtral ``router_jitter_noise`` > 0: megatron-core jittered the router input in evaluation too
+  (HF: training only), so eval / generation logits were random and differed from transformers.
+- Mixtral ``num_experts_per_tok=1`` converted, then could not be built (megatron-core demands the
+  pre-softmax router for top-1, which would weigh the expert by its probability, HF by 1).
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tests.workers.convert_cases import VOCAB, _llama, build_hf  # noqa: E402
+
+
+def _family_cfg(family, **kw):
+    extra = {
+        "llama": {},
+        "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2"),
+        "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=8),
+        "mixtral": dict(architectures=["MixtralForCausalLM"], model_type="mixtral",
+                        num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0,
+                        intermediate_size=48),
+        "glm": dict(architectures=["GlmForCausalLM"], model_type="glm", head_dim=16,
+                    partial_rotary_factor=0.5, attention_bias=True, pad_token_id=0),
+    }[family]
+    return _llama(**{**extra, **kw})
+
+
+def _quiet(*a):
+    pass
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh", "relu"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "mixtral", "glm"])
+def test_llama_like_non_silu_hidden_act_is_refused(family, act):
+    """Before: converted into a SwiGLU model (fp32 logits off by ~0.2 from transformers')."""
+    from megatron_patch.convert.engine import family_and_arch
+    from megatron_patch.convert.rules import ConversionError
+
+    with pytest.raises(ConversionError, match=f"hidden_act '{act}' is not supported"):
+        family_and_arch(_family_cfg(family, hidden_act=act))
+    for ok in ("silu", "swish"):  # the spellings of SwiGLU's activation still convert
+        family_and_arch(_family_cfg(family, hidden_act=ok))
+
+
+def test_non_silu_hidden_act_fails_before_writing(tmp_path):
+    from megatron_patch.convert.engine import hf_to_megatron
+    from megatron_patch.convert.rules import ConversionError
+
+    build_hf(_family_cfg("llama", hidden_act="gelu"), str(tmp_path / "hf"))
+    with pytest.raises(ConversionError, match="hidden_act 'gelu'"):
+        hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "mg"), tp=1, log=_quiet)
+    assert not (tmp_path / "mg").exists()
+
+
+def test_mixtral_top1_is_refused_before_writing(tmp_path):
+    """Before: the conversion wrote a checkpoint that no builder could load ("Please use
+    --moe-router-pre-softmax when topk is 1")."""
+    from megatron_patch.convert.engine import hf_to_megatron
+    from megatron_patch.convert.rules import ConversionError
+
+    cfg = _family_cfg("mixtral")
+    cfg["num_experts_per_tok"] = 1
+    build_hf(cfg, str(tmp_path / "hf"))
+    with pytest.raises(ConversionError, match="num_experts_per_tok=1 is not supported"):
+        hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "mg"), tp=1, log=_quiet)
+    assert not (tmp_path / "mg").exists()
+
+
+@pytest.mark.parametrize("inference", [False, True], ids=["training_modules", "inference_modules"])
+def test_mixtral_router_jitter_is_training_only(tmp_path, inference):
+    """Before: max |logit diff| ~0.19 in eval (megatron-core jittered the router input always)."""
+    import megatron_patch  # noqa: F401
+    from megatron_patch.convert.engine import hf_to_megatron
+    from megatron_patch.generation.loader import load_for_generation
+
+    cfg = _family_cfg("mixtral", router_jitter_noise=0.1)
+    hf = build_hf(cfg, str(tmp_path / "hf"))
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "mg"), tp=1, log=_quiet)
+    lm = load_for_generation(str(tmp_path / "mg"), log=_quiet, inference=inference)
+    model = lm.model
+    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, pos, None)[..., :VOCAB], ref)
+        # training still jitters the router input (megatron-core's moe_input_jitter_eps)
+        model.train()
+        try:
+            a, b = model(ids, pos, None), model(ids, pos, None)
+        finally:
+            model.eval()
+    assert not torch.equal(a, b)
