@@ -36,9 +36,9 @@ mp_finetune() {
   OUTPUT_BASEPATH          outputs go to OUTPUT_BASEPATH/{checkpoint,tensorboard,log}/<run name>
 environment: TASK (sft | reward, default sft), TOKENIZER_PATH (HF tokenizer folder or sentencepiece
   .model; default: the checkpoint's tokenizer files), GLOBAL_BATCH_SIZE, PACKING (true|false, SFT),
-  REWARD_MARGIN (reward, default 0), SAVE_INTERVAL (iterations; default: at the end only),
-  EP (expert parallel size of MoE models, default 1), NPROC_PER_NODE (processes per node; default
-  all GPUs, or TP x PP x EP CPU processes), EXTRA_ARGS"
+  REWARD_MARGIN (reward, default 0), SAVE_INTERVAL (iterations; default: every epoch; 0: at the
+  end only), EP (expert parallel size of MoE models, default 1), NPROC_PER_NODE (processes per
+  node; default all GPUs, or TP x PP x EP CPU processes), EXTRA_ARGS"
   mp_usage_check 22 "$#" "$usage" "${1:-}"
 
   ENV=$1; MEGATRON_PATH=$2; MEGATRON_PATCH_PATH=$3; MODEL_SIZE=$4; BATCH_SIZE=$5; LR=$6
@@ -59,7 +59,10 @@ environment: TASK (sft | reward, default sft), TOKENIZER_PATH (HF tokenizer fold
 
   mp_paths "$MEGATRON_PATH" "$MEGATRON_PATCH_PATH"
   mp_extra_args
-  mp_posint TP PP EP BATCH_SIZE
+  mp_posint TP PP EP BATCH_SIZE SEQ_LEN PAD_LEN EPOCH
+  mp_nonneg EXTRA_VOCAB_SIZE
+  [ -z "${GLOBAL_BATCH_SIZE:-}" ] || mp_posint GLOBAL_BATCH_SIZE
+  [ -z "${SAVE_INTERVAL:-}" ] || mp_nonneg SAVE_INTERVAL
   mp_launcher "$ENV" $((TP * PP * EP))   # NPROC processes on each of NNODES nodes
   # global batch: BATCH_SIZE x data-parallel size (one micro batch per replica, no accumulation)
   # unless GLOBAL_BATCH_SIZE says otherwise

@@ -8,6 +8,7 @@
 #                                 a missing or bad one is one error line, exit 2)
 # mp_bool NAME VALUE           -> exits 2 unless VALUE is true or false
 # mp_precision PR / mp_recompute AC -> PR_ARGS / AC_ARGS (the PR and AC arguments as flags)
+# mp_posint NAME... / mp_nonneg NAME... -> exits 2 unless each variable is a number > 0 / >= 0
 
 mp_usage_check() {
   local want="$1" got="$2" usage="$3" first="${4:-}"
@@ -127,6 +128,16 @@ mp_posint() {  # mp_posint NAME... -> each variable must be a positive whole num
   for v in "$@"; do
     if ! [[ "${!v}" =~ ^[1-9][0-9]*$ ]]; then
       echo "error: $v must be a positive number, got '${!v}'" >&2
+      exit 2
+    fi
+  done
+}
+
+mp_nonneg() {  # mp_nonneg NAME... -> each variable must be a whole number >= 0 (exit 2)
+  local v
+  for v in "$@"; do
+    if ! [[ "${!v}" =~ ^[0-9]+$ ]]; then
+      echo "error: $v must be a whole number >= 0, got '${!v}'" >&2
       exit 2
     fi
   done

@@ -24,7 +24,7 @@ mp_pretrain() {
   TP PP                    tensor / pipeline parallel sizes
   AC                       sel | full | none (activation recompute)
   DO FL SP                 true|false: distributed optimizer, flash attention, sequence parallel
-  SAVE_INTERVAL            iterations between checkpoints
+  SAVE_INTERVAL            iterations between checkpoints (0: one checkpoint at the end only)
   DATASET_PATH             .bin/.idx prefix (or 'W1 P1 W2 P2' for a blend)
   PRETRAIN_CHECKPOINT_PATH Megatron checkpoint to start from, or none (from scratch)
   TRAIN_TOKENS WARMUP_TOKENS  iterations = TRAIN_TOKENS / (GLOBAL_BATCH_SIZE x SEQ_LEN)
@@ -41,7 +41,8 @@ environment: TOKENIZER_PATH (HF tokenizer folder or sentencepiece .model; defaul
   EP=${EP:-1}
 
   local v
-  mp_posint TP PP EP
+  mp_posint TP PP EP BATCH_SIZE GLOBAL_BATCH_SIZE SEQ_LEN TRAIN_TOKENS
+  mp_nonneg EXTRA_VOCAB_SIZE SAVE_INTERVAL WARMUP_TOKENS
   for v in DO FL SP; do mp_bool "$v" "${!v}"; done
   mp_precision "$PR"
   mp_recompute "$AC"

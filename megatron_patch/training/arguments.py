@@ -163,6 +163,27 @@ def derive_schedule(args) -> None:
     args.lr_warmup_iters = min(args.lr_warmup_iters, max(args.lr_decay_iters - 1, 0))
 
 
+# flag -> smallest value that makes sense (a zero or negative batch, length or count would end
+# in a ZeroDivisionError, an assertion deep in megatron-core, or a run that silently trains nothing)
+_MINIMUM = {"micro_batch_size": 1, "global_batch_size": 1, "seq_length": 1, "train_iters": 0,
+            "train_tokens": 1, "lr_warmup_iters": 0, "lr_warmup_tokens": 0, "lr_decay_iters": 1,
+            "eval_iters": 0, "eval_interval": 0, "log_interval": 1, "exit_interval": 0,
+            "epochs": 1, "pad_len": 1}
+
+
+def check_counts(args) -> None:
+    """One error line for a count flag below its minimum (the training entry points call it first;
+    RLHF sets these values itself)."""
+    if args.seq_length is None:
+        raise ArgumentError("--seq-length is required")
+    for name, least in _MINIMUM.items():
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            flag = "--" + name.replace("_", "-")
+            raise ArgumentError(f"{flag} must be {'positive' if least == 1 else '>= 0'}, "
+                                f"got {value}")
+
+
 def validate(args, world_size: int) -> None:
     """Derive data-parallel size, microbatch counts and iterations; raise ArgumentError on nonsense."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
@@ -189,8 +210,8 @@ def validate(args, world_size: int) -> None:
         derive_schedule(args)
     if args.virtual_pipeline_model_parallel_size and pp == 1:
         raise ArgumentError("virtual pipeline stages need --pipeline-model-parallel-size > 1")
-    if args.save_interval is not None and args.save_interval <= 0:
-        raise ArgumentError("--save-interval must be positive")
+    if args.save_interval is not None and args.save_interval < 0:
+        raise ArgumentError("--save-interval must be >= 0 (0: one checkpoint at the end only)")
     if getattr(args, "task", None) is not None:  # fine-tuning reads json data, not .bin/.idx
         return
     if args.data_path is None and not args.mock_data:

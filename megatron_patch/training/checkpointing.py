@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_patch.convert import layout
 from megatron_patch.convert.layout import CheckpointError
@@ -105,12 +106,19 @@ def _model_key(i: int, n: int) -> str:
 
 
 def _finalize(root: str, partial: str, final: str, iteration: int) -> None:
+    """Rename the complete ``partial`` folder into place, then point the tracker at it. An older
+    folder of the same iteration (which the tracker may name) is renamed aside first and deleted
+    only after the tracker is written: a kill never leaves the tracker on a half-deleted folder."""
     dist.barrier()
     if dist.get_rank() == 0:
+        old = partial[:-len(".partial")] + ".old"
+        if os.path.isdir(old):
+            shutil.rmtree(old)
         if os.path.isdir(final):
-            shutil.rmtree(final)
+            os.replace(final, old)
         os.replace(partial, final)
         layout.write_tracker(root, iteration)
+        shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
 
 
@@ -232,7 +240,11 @@ def load_checkpoint(root: str, model: List[torch.nn.Module], optimizer, schedule
         sd = layout.safe_load(path)
         for i, chunk in enumerate(model):
             _load_model_state(chunk, sd[_model_key(i, len(model))])
+        load_optim = load_optim and _has_optimizer_state(d, "optimizer" in sd, optimizer)
         if optimizer is not None and load_optim:
+            saved_do = os.path.isfile(os.path.join(os.path.dirname(path), "distrib_optim.pt"))
+            if saved_do != _is_distributed_optimizer(optimizer):
+                raise _optimizer_kind_error(d, saved_do)
             optimizer.load_state_dict(sd["optimizer"])
             if _is_distributed_optimizer(optimizer):
                 dpath = os.path.join(os.path.dirname(path), "distrib_optim.pt")
@@ -249,6 +261,9 @@ def load_checkpoint(root: str, model: List[torch.nn.Module], optimizer, schedule
                   if not k.startswith("model") and k not in ("optimizer", "rng_state")}
     else:
         if optimizer is not None and load_optim:
+            load_optim = _has_optimizer_state(
+                d, "optimizer" in dist_checkpointing.load_common_state_dict(d), optimizer)
+        if optimizer is not None and load_optim:
             _check_optimizer_layout(root, d, optimizer)
             for o in _chained(optimizer):
                 if hasattr(o, "_init_optimizer_states_with_dummy_values"):
@@ -262,7 +277,15 @@ def load_checkpoint(root: str, model: List[torch.nn.Module], optimizer, schedule
             msd = sharded["model"] if len(model) == 1 else _merge_chunks(sharded, len(model))
             sharded["optimizer"] = optimizer.sharded_state_dict(
                 msd, is_loading=True, metadata={"distrib_optim_sharding_type": SHARDING_TYPE})
-        loaded = dist_checkpointing.load(sharded, d)
+        try:
+            loaded = dist_checkpointing.load(sharded, d)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 -- name the likely cause
+            # (torch's CheckpointException is a BaseException), else re-raise it as it was
+            saved_do = _saved_setting(d, "use_distributed_optimizer")
+            if optimizer is not None and load_optim and saved_do is not None and \
+                    bool(saved_do) != _is_distributed_optimizer(optimizer):
+                raise _optimizer_kind_error(d, bool(saved_do)) from e
+            raise
         for i, chunk in enumerate(model):
             _load_model_state(chunk, loaded[_model_key(i, len(model))])
         if optimizer is not None and load_optim:
@@ -277,6 +300,34 @@ def load_checkpoint(root: str, model: List[torch.nn.Module], optimizer, schedule
         scheduler.load_state_dict(common["opt_param_scheduler"])
     common["iteration"] = iteration or 0
     return common
+
+
+def _has_optimizer_state(d: str, has: bool, optimizer) -> bool:
+    """A weights-only checkpoint (a converted ``release``, or one saved at iteration 0 before any
+    step) holds no optimizer state: the optimizer starts afresh, as Megatron-LM does for release
+    checkpoints, instead of a bare KeyError."""
+    if not has and optimizer is not None:
+        print_rank_0(f"> {d} holds no optimizer state (weights only): the optimizer starts afresh")
+    return has
+
+
+def _saved_setting(d: str, name: str):
+    """A training argument recorded in the torch_dist checkpoint ``d`` (None: not recorded)."""
+    try:
+        saved = dist_checkpointing.load_common_state_dict(d).get("args") or {}
+    except Exception:  # noqa: BLE001 -- only a better error message depends on it
+        return None
+    return saved.get(name) if isinstance(saved, dict) else getattr(saved, name, None)
+
+
+def _optimizer_kind_error(d: str, saved_distributed: bool) -> CheckpointError:
+    """The optimizer state of a checkpoint saved with(out) the distributed optimizer does not load
+    into the other kind (a bare KeyError inside megatron-core otherwise)."""
+    return CheckpointError(
+        f"{d} was saved {'with' if saved_distributed else 'without'} the distributed optimizer, "
+        f"this run {'does not use it' if saved_distributed else 'uses it'} "
+        "(--use-distributed-optimizer, DO in the launch scripts): resume with the setting it was "
+        "saved with, or load the weights alone (--no-load-optim: a fresh optimizer state)")
 
 
 def _check_optimizer_layout(root: str, d: str, optimizer) -> None:

@@ -286,6 +286,26 @@ class TrainState:
     consumed_valid_samples: int = 0
 
 
+def check_checkpoint_args(args) -> None:
+    """Before any model is built: the checkpoint the run would start from exists. A --load folder
+    without a checkpoint is the first run of a resumable job (the launch scripts pass --save as
+    --load), so it starts from --pretrained-checkpoint or from scratch, with a warning when --load
+    is not also --save (Megatron-LM's "will not load any checkpoints")."""
+    if layout.has_checkpoint(args.load):
+        return
+    src = args.pretrained_checkpoint
+    if src and not layout.has_checkpoint(src):
+        raise ArgumentError(f"--pretrained-checkpoint {src}: " + (
+            f"no {layout.TRACKER} in it (not a Megatron checkpoint folder)"
+            if os.path.isdir(src) else "no such folder"))
+    if args.finetune and args.load and not src:
+        raise ArgumentError(f"--finetune starts from the weights of --load, but {args.load} holds "
+                            f"no checkpoint (no {layout.TRACKER})")
+    if args.load and not (args.save and os.path.abspath(args.save) == os.path.abspath(args.load)):
+        print_rank_last(f"warning: --load {args.load} holds no checkpoint (no {layout.TRACKER}): "
+                        f"starting from {src or 'random weights'}")
+
+
 def checkpoint_source(args) -> Optional[str]:
     """The checkpoint this run starts from: its own --load when that holds one, else
     --pretrained-checkpoint (None: from scratch)."""

@@ -40,7 +40,8 @@ from megatron_patch.data.pretrain import data_iterator
 from megatron_patch.data.reward import RewardDataset
 from megatron_patch.models.builder import build_gpt_model
 from megatron_patch.training import engine
-from megatron_patch.training.arguments import ArgumentError, build_parser, derive_schedule
+from megatron_patch.training.arguments import (ArgumentError, build_parser, check_counts,
+                                                 derive_schedule)
 from megatron_patch.training.logging import print_rank_last
 from megatron_patch.training.losses import gather_last, masked_token_loss, pairwise_reward_loss
 from megatron_patch.training.pretrain import load_tokenizer
@@ -192,6 +193,9 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
 
     def body():
+        platform.init_process_group()  # first: an error below is then printed by rank 0 only
+        check_counts(args)
+        engine.check_checkpoint_args(args)
         if args.eval_only:
             if not args.valid_data:
                 raise ArgumentError("--eval-only needs --valid-data FILE [FILE ...]")

@@ -15,10 +15,11 @@ from typing import Optional
 import megatron_patch  # noqa: F401  (patches megatron-core before it is used)
 from megatron.core import parallel_state
 
+from megatron_patch import platform
 from megatron_patch.cli import run_entry
 from megatron_patch.data.pretrain import build_pretrain_datasets, data_iterator
 from megatron_patch.training import engine
-from megatron_patch.training.arguments import ArgumentError, build_parser
+from megatron_patch.training.arguments import ArgumentError, build_parser, check_counts
 from megatron_patch.training.logging import print_rank_last
 
 
@@ -66,6 +67,9 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
 
     def body():
+        platform.init_process_group()  # first: an error below is then printed by rank 0 only
+        check_counts(args)
+        engine.check_checkpoint_args(args)
         arch = engine.resolve_arch(args)  # first: it resolves the virtual pipeline size
         engine.initialize(args)
         tokenizer, original_vocab = load_tokenizer(args, arch)
@@ -90,7 +94,8 @@ def main(argv: Optional[list] = None) -> int:
         train_iter = [data_iterator(train_ds, state.consumed_train_samples, args.micro_batch_size,
                                     dp_rank, dp) for _ in range(chunks)]
         valid_factory = None
-        if valid_ds is not None and len(valid_ds) >= args.micro_batch_size * dp:
+        if valid_ds is not None and args.eval_iters and \
+                len(valid_ds) >= args.micro_batch_size * dp:  # --eval-iters 0: no validation
             valid_factory = lambda: [data_iterator(valid_ds, 0, args.micro_batch_size, dp_rank, dp,
                                                    cyclic=True) for _ in range(chunks)]
 

@@ -1,0 +1,226 @@
+"""Review of the training entry points and their launch scripts: bad numbers, checkpoint paths and
+optimizer kinds fail with one ``error:`` line before (or instead of) a traceback; SAVE_INTERVAL 0
+saves at the end only; --eval-iters 0 means no validation; re-saving an iteration keeps the
+tracker on a loadable folder whatever moment the save is killed at."""
+import json
+import os
+
+import pytest
+
+from megatron_patch.launch import WorkerError, launch_local
+from script_helpers import clean_env as _env, run as _run, script as _script
+
+TINY = ["--vocab-size", "256", "--seq-length", "16", "--mock-data", "--micro-batch-size", "1",
+        "--global-batch-size", "2", "--train-iters", "2"]
+
+
+def _pretrain(*flags, nproc=1):
+    return launch_local(["-m", "megatron_patch.training.pretrain", *TINY, *flags], nproc,
+                        timeout=300)
+
+
+def _error(argv, nproc=1):
+    with pytest.raises(WorkerError) as e:
+        launch_local(argv, nproc, timeout=300)
+    text = str(e.value)
+    lines = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in text, text[-3000:]
+    return lines[0], text
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--global-batch-size", "0"], "--global-batch-size must be positive, got 0"),
+    (["--micro-batch-size", "0"], "--micro-batch-size must be positive, got 0"),
+    (["--seq-length", "0"], "--seq-length must be positive, got 0"),
+    (["--train-iters", "-3"], "--train-iters must be >= 0, got -3"),
+])
+def test_nonpositive_counts_are_one_error_line(flags, message):
+    # before: ZeroDivisionError / megatron-core assertion tracebacks, a SIGFPE (seq 0), or a run
+    # that "finished at iteration 0" (negative iterations)
+    line, text = _error(["-m", "megatron_patch.training.pretrain", *TINY, *flags])
+    assert message in line and "> llama model:" not in text
+
+
+def test_missing_seq_length_and_zero_epochs_are_one_error_line(tmp_path):
+    argv = ["-m", "megatron_patch.training.pretrain", "--vocab-size", "256", "--mock-data",
+            "--train-iters", "2"]
+    line, _ = _error(argv)  # was a TypeError in resolve_arch
+    assert "--seq-length is required" in line
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"query": "q", "response": "r"}) + "\n" for _ in range(4)))
+    line, _ = _error(["-m", "megatron_patch.training.finetune", "--vocab-size", "256",
+                      "--seq-length", "16", "--train-data", str(data), "--epochs", "0"])
+    assert "--epochs must be positive, got 0" in line  # was "give --train-iters or --train-tokens"
+
+
+def test_save_interval_zero_saves_once_at_the_end(tmp_path):
+    ck = tmp_path / "ck"
+    _pretrain("--save", str(ck), "--save-interval", "0", "--train-iters", "3")
+    assert (ck / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    assert sorted(d for d in os.listdir(ck) if d.startswith("iter_")) == ["iter_0000003"]
+
+
+def test_eval_iters_zero_means_no_validation(tmp_path):
+    log = tmp_path / "log"
+    out = "".join(_pretrain("--eval-iters", "0", "--eval-interval", "1", "--log-dir", str(log)))
+    assert "validation at iteration" not in out, out[-2000:]
+    recs = [json.loads(x) for x in (log / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in recs] == [1, 2] and all("lm_loss" in r for r in recs), recs
+
+
+def test_checkpoint_paths_checked_before_the_model_is_built(tmp_path):
+    missing = str(tmp_path / "nope")
+    line, text = _error(["-m", "megatron_patch.training.pretrain", *TINY,
+                         "--pretrained-checkpoint", missing])
+    assert missing in line and "no such folder" in line and "> llama model:" not in text
+    # --finetune takes --load's weights: an empty --load silently trained from random weights
+    line, text = _error(["-m", "megatron_patch.training.pretrain", *TINY, "--load", missing,
+                         "--finetune"])
+    assert "--finetune" in line and missing in line and "> llama model:" not in text
+    # a --load that is not the run's own --save and holds nothing: a warning, as Megatron-LM's
+    out = "".join(_pretrain("--load", missing))
+    assert f"warning: --load {missing} holds no checkpoint" in out
+    assert "random weights" in out
+
+
+@pytest.mark.parametrize("fmt", ["legacy", "torch_dist"])
+def test_resume_with_other_optimizer_kind_is_one_error_line(tmp_path, fmt):
+    ck = str(tmp_path / "ck")
+    _pretrain("--save", ck, "--ckpt-format", fmt)
+    # before: "error: optimizer" / "error: state" (legacy), a CheckpointException traceback
+    # (torch_dist)
+    line, _ = _error(["-m", "megatron_patch.training.pretrain", *TINY, "--train-iters", "3",
+                      "--load", ck, "--ckpt-format", fmt, "--use-distributed-optimizer"])
+    assert "saved without the distributed optimizer" in line and "--no-load-optim" in line
+    out = "".join(_pretrain("--train-iters", "3", "--load", ck, "--ckpt-format", fmt,
+                            "--use-distributed-optimizer", "--no-load-optim"))
+    assert "training finished at iteration 3" in out
+
+
+RESAVE_WORKER = r'''
+import json, os, shutil, sys
+import megatron_patch  # noqa: F401
+import torch
+from megatron_patch.convert import layout
+from megatron_patch.training import checkpointing, engine
+from megatron_patch.training.arguments import build_parser
+
+out, root = sys.argv[1], sys.argv[2]
+args = build_parser().parse_args(["--mock-data", "--vocab-size", "256", "--seq-length", "16",
+                                  "--train-iters", "2", "--save", root])
+arch = engine.resolve_arch(args)
+engine.initialize(args)
+model = engine.build_model(args, arch, engine.build_config(args, arch), 256)
+opt, sched = engine.build_optimizer(args, model)
+checkpointing.save_checkpoint(root, 2, model, opt, sched, {"consumed_train_samples": 2})
+with torch.no_grad():
+    for p in model[0].parameters():
+        p.add_(1.0)
+new = {k: v.clone() for k, v in checkpointing.unwrap(model[0]).state_dict().items()
+       if torch.is_tensor(v)}
+real = shutil.rmtree
+
+def dying_rmtree(path, *a, **k):  # deletes the rank files, then the process "dies"
+    for d, _, files in os.walk(path):
+        for f in files:
+            os.unlink(os.path.join(d, f))
+    raise KeyboardInterrupt("killed during the save")
+
+checkpointing.shutil.rmtree = dying_rmtree
+died = False
+try:  # the same iteration again (a --finetune rerun into its own --save folder)
+    checkpointing.save_checkpoint(root, 2, model, opt, sched, {"consumed_train_samples": 2})
+except KeyboardInterrupt:
+    died = True
+checkpointing.shutil.rmtree = real
+with torch.no_grad():
+    for p in model[0].parameters():
+        p.zero_()
+res = {"died": died, "tracker": open(os.path.join(root, layout.TRACKER)).read()}
+try:
+    checkpointing.load_checkpoint(root, model, opt, sched)
+    now = checkpointing.unwrap(model[0]).state_dict()
+    res["loaded"] = "new" if all(torch.equal(now[k], v) for k, v in new.items()) else "other"
+except Exception as e:
+    res["loaded"] = "error: " + str(e)
+json.dump(res, open(out, "w"))
+'''
+
+
+def test_killed_resave_of_an_iteration_leaves_a_loadable_tracker(tmp_path):
+    worker = tmp_path / "resave_worker.py"
+    worker.write_text(RESAVE_WORKER)
+    out = tmp_path / "r.json"
+    launch_local([str(worker), str(out), str(tmp_path / "ck")], 1, timeout=300)
+    r = json.loads(out.read_text())
+    # before: the old folder was deleted in place before the new one was renamed in, so a kill
+    # left the tracker on a half-deleted iter_0000002 ("... is missing")
+    assert r["died"] and r["tracker"] == "2" and r["loaded"] == "new", r
+
+
+def _pretrain_argv(out, **changes):
+    names = ["ENV", "MEGATRON_PATH", "MEGATRON_PATCH_PATH", "MODEL_SIZE", "BATCH_SIZE",
+             "GLOBAL_BATCH_SIZE", "LR", "MIN_LR", "SEQ_LEN", "EXTRA_VOCAB_SIZE", "PR", "TP", "PP",
+             "AC", "DO", "FL", "SP", "SAVE_INTERVAL", "DATASET_PATH", "PRETRAIN_CHECKPOINT_PATH",
+             "TRAIN_TOKENS", "WARMUP_TOKENS", "OUTPUT_BASEPATH"]
+    values = ["dsw", "-", "-", "tiny", "2", "4", "1e-3", "1e-4", "32", "0", "fp32", "1", "1",
+              "none", "false", "false", "false", "2", "data", "none", "512", "128", str(out)]
+    argv = dict(zip(names, values))
+    argv.update(changes)
+    return [argv[n] for n in names]
+
+
+def _finetune_argv(out, **changes):
+    names = ["ENV", "MEGATRON_PATH", "MEGATRON_PATCH_PATH", "MODEL_SIZE", "BATCH_SIZE", "LR",
+             "MIN_LR", "SEQ_LEN", "PAD_LEN", "EXTRA_VOCAB_SIZE", "PR", "TP", "PP", "AC", "DO",
+             "FL", "SP", "TRAIN_DATASET_PATH", "VALID_DATASET_PATH", "PRETRAIN_CHECKPOINT_PATH",
+             "EPOCH", "OUTPUT_BASEPATH"]
+    values = ["dsw", "-", "-", "tiny", "2", "1e-3", "1e-4", "64", "64", "0", "fp32", "1", "1",
+              "none", "false", "false", "false", "t.jsonl", "none", "none", "1", str(out)]
+    argv = dict(zip(names, values))
+    argv.update(changes)
+    return [argv[n] for n in names]
+
+
+def test_scripts_reject_bad_numbers_before_launch(tmp_path):
+    out = tmp_path / "o"
+    cases = [
+        ("pretrain", _pretrain_argv(out, GLOBAL_BATCH_SIZE="0"), {},
+         "GLOBAL_BATCH_SIZE must be a positive number, got '0'"),
+        ("pretrain", _pretrain_argv(out, SEQ_LEN="-32"), {}, "SEQ_LEN must be a positive"),
+        ("pretrain", _pretrain_argv(out, TRAIN_TOKENS="1e9"), {}, "TRAIN_TOKENS must be a positive"),
+        ("pretrain", _pretrain_argv(out, SAVE_INTERVAL="-1"), {},
+         "SAVE_INTERVAL must be a whole number >= 0, got '-1'"),
+        ("pretrain", _pretrain_argv(out, WARMUP_TOKENS="x"), {}, "WARMUP_TOKENS must be a whole"),
+        ("finetune", _finetune_argv(out, EPOCH="0"), {}, "EPOCH must be a positive number"),
+        ("finetune", _finetune_argv(out, PAD_LEN="none"), {}, "PAD_LEN must be a positive"),
+        ("finetune", _finetune_argv(out), {"GLOBAL_BATCH_SIZE": "0"},
+         "GLOBAL_BATCH_SIZE must be a positive number, got '0'"),
+        ("finetune", _finetune_argv(out), {"SAVE_INTERVAL": "x"}, "SAVE_INTERVAL must be a whole"),
+    ]
+    for kind, argv, env, message in cases:
+        r = _run([_script(kind, "llama"), *argv], env=_env(**env), cwd=str(tmp_path))
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert r.returncode == 2 and len(errors) == 1 and message in errors[0], \
+            (kind, message, r.stdout + r.stderr)
+    assert not out.exists()  # nothing was created or started
+    r = _run([_script("pretrain", "llama"), "-h"])
+    assert "SAVE_INTERVAL            iterations between checkpoints (0: one checkpoint at the end" \
+        in r.stdout
+
+
+def test_load_of_a_weights_only_checkpoint_starts_a_fresh_optimizer(tmp_path):
+    """--load of a checkpoint without optimizer state (saved at --train-iters 0, or a converted
+    release) was "error: optimizer" (legacy); now the optimizer starts afresh, as Megatron-LM does
+    for release checkpoints, and the run equals the one from scratch."""
+    def losses(log):
+        return [json.loads(x)["lm_loss"] for x in (log / "metrics.jsonl").read_text().splitlines()]
+
+    _pretrain("--log-dir", str(tmp_path / "ref"))
+    for fmt in ("legacy", "torch_dist"):
+        ck = str(tmp_path / fmt)
+        _pretrain("--train-iters", "0", "--save", ck, "--ckpt-format", fmt)
+        out = "".join(_pretrain("--load", ck, "--save", ck, "--ckpt-format", fmt,
+                                "--log-dir", str(tmp_path / f"log_{fmt}")))
+        assert "holds no optimizer state (weights only)" in out, out[-2000:]
+        assert losses(tmp_path / f"log_{fmt}") == losses(tmp_path / "ref")
