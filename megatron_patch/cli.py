@@ -15,6 +15,14 @@ from megatron_patch.training.arguments import ArgumentError
 INPUT_ERRORS = (ArgumentError, CheckpointError, FileNotFoundError, KeyError, ValueError)
 
 
+def error_text(e: BaseException) -> str:
+    """The message of ``e``: a KeyError's ``str`` is the repr of its argument (quoted), so its
+    argument itself; every other message as written (its own quotes kept)."""
+    if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str):
+        return e.args[0]
+    return str(e)
+
+
 def run_entry(body: Callable[[], Optional[int]], cleanup: Optional[Callable[[], None]] = None
               ) -> int:
     try:
@@ -23,7 +31,7 @@ def run_entry(body: Callable[[], Optional[int]], cleanup: Optional[Callable[[], 
         if os.environ.get("MEGATRON_PATCH_DEBUG"):
             raise
         if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"error: {str(e).strip(chr(39) + chr(34))}", file=sys.stderr, flush=True)
+            print(f"error: {error_text(e)}", file=sys.stderr, flush=True)
         return 2
     finally:
         if dist.is_initialized():

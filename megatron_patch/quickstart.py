@@ -490,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SFT dialogs / preference pairs to train on (default: all, about 2,100)")
     p.add_argument("--ppo-episodes", type=int, default=8)
     p.add_argument("--stages", default=",".join(n for n, _, _ in STAGES),
-                   help="comma-separated stages to run (each needs the ones before it)")
+                   help="comma-separated stages to run; each needs the results of the ones before it, "
+                        "taken from their result.json when they are not listed")
     return p
 
 
@@ -508,10 +509,29 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run_dir = os.path.abspath(args.run_dir)
-    os.makedirs(run_dir, exist_ok=True)
+    names = [n for n, _, _ in STAGES]
+    wanted = [x.strip() for x in args.stages.split(",") if x.strip()]
+    unknown = [x for x in wanted if x not in names]
+    if unknown or not wanted:
+        print(f"error: --stages {args.stages!r}: unknown stage {', '.join(unknown) or '(none)'}; "
+              f"the stages are {','.join(names)}", file=sys.stderr)
+        return 2
     ctx = Context(run_dir, args, {})
+    # each stage needs the results of the ones before it: those not run now come from their
+    # result.json of an earlier run
+    for name in names[:max(names.index(x) for x in wanted)]:
+        if name in wanted:
+            continue
+        result_file = os.path.join(run_dir, name, "result.json")
+        if not os.path.isfile(result_file):
+            later = next(x for x in names[names.index(name) + 1:] if x in wanted)
+            print(f"error: stage {later} needs the result of stage {name} ({result_file} is "
+                  f"missing): add {name} to --stages", file=sys.stderr)
+            return 2
+        with open(result_file, encoding="utf-8") as f:
+            ctx.results[name] = json.load(f)
+    os.makedirs(run_dir, exist_ok=True)
     t_all = time.time()
-    wanted = [x for x in args.stages.split(",") if x]
     stages = [st for st in STAGES if st[0] in wanted]
     for i, (name, title, fn) in enumerate(stages, 1):
         result_file = os.path.join(run_dir, name, "result.json")

@@ -88,13 +88,22 @@ def load_answers(path: str) -> Dict[str, List[str]]:
 
 
 def _append(path: str, rec: dict) -> None:
-    """Append one record and flush; a torn last line (an interrupted write) is cut off first."""
+    """Append one record and flush; a torn last line (an interrupted write) is cut off first. A
+    complete last record without its newline (a file written by another tool) is kept."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if os.path.isfile(path) and os.path.getsize(path):
         with open(path, "rb+") as f:
             data = f.read()
             if not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
+                start = data.rfind(b"\n") + 1
+                try:
+                    complete = isinstance(json.loads(data[start:].decode("utf-8")), dict)
+                except ValueError:  # also UnicodeDecodeError
+                    complete = False
+                if complete:
+                    f.write(b"\n")
+                else:
+                    f.truncate(start)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         f.flush()

@@ -55,7 +55,7 @@ def _one_rank_collectives():
     dist.all_reduce, dist.broadcast = all_reduce_, broadcast_
 
 
-@register("cuda.current_device", "torch.cuda.current_device",
+@register("cuda.current_device", "torch.cuda.current_device/is_available",
           "~175 megatron-core sites pass device=torch.cuda.current_device() (RoPE, init, p2p)",
           stage="torch", when="cpu")
 def _cuda_current_device():
@@ -150,7 +150,7 @@ def _cuda_nvtx():
     nvtx.range = lambda *a, **k: contextlib.nullcontext()
 
 
-@register("cuda.memory_stats", "torch.cuda.memory_allocated/max_memory_allocated/empty_cache",
+@register("cuda.memory_stats", "torch.cuda.memory_allocated/max_memory_allocated/memory_reserved/empty_cache",
           "memory reporting and cache release in training and inference loops",
           stage="torch", when="cpu")
 def _cuda_memory():
@@ -223,7 +223,7 @@ _SHIMMED = (
 )
 
 
-@register("shim.cuda_factories", ", ".join(m.rsplit(".", 1)[-1] + ".torch" for m in _SHIMMED),
+@register("shim.cuda_factories", ", ".join(".".join(m.split(".")[-2:]) + ".torch" for m in _SHIMMED),
           "these modules build tensors with device='cuda' (and pin_memory); a module-local torch "
           "proxy builds them on the CPU", stage="megatron", when="cpu")
 def _shim_cuda_factories():

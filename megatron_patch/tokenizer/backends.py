@@ -63,7 +63,10 @@ class HFTokenizer(PatchTokenizer):
             json_path = path if os.path.isfile(path) else os.path.join(path, "tokenizer.json")
             if not os.path.isfile(json_path):
                 raise FileNotFoundError(f"HF tokenizer: no tokenizer.json at {path}")
-            backend = Tokenizer.from_file(json_path)
+            try:
+                backend = Tokenizer.from_file(json_path)
+            except Exception as e:  # tokenizers raises a bare Exception on a corrupt file
+                raise ValueError(f"HF tokenizer: cannot read {json_path}: {e}") from None
             self._json_path = json_path
         else:
             self._json_path = None
@@ -248,7 +251,12 @@ class SentencePieceTokenizer(PatchTokenizer):
         if not os.path.isfile(model):
             raise FileNotFoundError(f"SentencePiece tokenizer: no tokenizer.model at {path}")
         self.model_file = model
-        self.sp = spm.SentencePieceProcessor(model_file=model)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=model)
+        except (RuntimeError, OSError) as e:  # sentencepiece raises RuntimeError on a bad file
+            raise ValueError(f"SentencePiece tokenizer: cannot read {model} ({e}); expected a "
+                             "SentencePiece .model (for a tokenizer.json folder pass the folder)"
+                             ) from None
         super().__init__(path, self.sp.get_piece_size(), **kw)
         as_id = lambda i: i if i is not None and i >= 0 else None  # noqa: E731
         self._bos = as_id(self.sp.bos_id())
@@ -349,6 +357,32 @@ QWEN_CHAT_TEMPLATE = (
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+def load_tiktoken_ranks(path: str) -> Dict[bytes, int]:
+    """The mergeable ranks of a ``.tiktoken`` file (``<base64 token> <rank>`` per line), read from
+    the file itself. (``tiktoken.load.load_tiktoken_bpe`` caches files by their *path* in
+    ``$TMPDIR/data-gym-cache``: a file replaced at the same path would be read stale.)"""
+    import base64
+    import binascii
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tiktoken tokenizer: no file {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+    ranks: Dict[bytes, int] = {}
+    for n, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error):
+            raise ValueError(f"tiktoken tokenizer: {path}:{n}: expected '<base64 token> <rank>', "
+                             f"got {line[:60]!r}") from None
+    if not ranks:
+        raise ValueError(f"tiktoken tokenizer: {path} holds no tokens")
+    return ranks
+
+
 class TiktokenTokenizer(PatchTokenizer):
     """Qwen(-1) ``qwen.tiktoken``: mergeable ranks, then the special tokens from id
     ``len(ranks)`` (151643) on: ``<|endoftext|>`` (= eod = eos = pad), ``<|im_start|>``,
@@ -360,7 +394,6 @@ class TiktokenTokenizer(PatchTokenizer):
 
     def __init__(self, path: str, **kw) -> None:
         import tiktoken
-        from tiktoken.load import load_tiktoken_bpe
 
         if os.path.isdir(path):
             cands = sorted(f for f in os.listdir(path) if f.endswith(".tiktoken"))
@@ -370,7 +403,7 @@ class TiktokenTokenizer(PatchTokenizer):
         else:
             model = path
         self.model_file = model
-        ranks = load_tiktoken_bpe(model)
+        ranks = load_tiktoken_ranks(model)
         start = len(ranks)
         self.special_ids = {tok: start + i for i, tok in enumerate(QWEN_SPECIALS)}
         self.enc = tiktoken.Encoding(os.path.basename(model), pat_str=QWEN_PATTERN,
