@@ -101,3 +101,55 @@ def test_mixtral_router_jitter_is_training_only(tmp_path, inference):
         finally:
             model.eval()
     assert not torch.equal(a, b)
+
+
+_SIZES = dict(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, num_attention_heads=16,
+              intermediate_size=96)
+HAND_WRITTEN = {  # config.json as a person writes it: sizes only, every other key left out
+    "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], **_SIZES),
+    # Qwen2Config: num_key_value_heads 32 whatever the heads, rope_theta 1e4
+    "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"],
+                  **dict(_SIZES, num_attention_heads=32)),
+    "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"], **_SIZES),
+    "mixtral": dict(model_type="mixtral", architectures=["MixtralForCausalLM"], **_SIZES),
+    "glm": dict(model_type="glm", architectures=["GlmForCausalLM"], pad_token_id=0, **_SIZES),
+    "falcon": dict(model_type="falcon", architectures=["FalconForCausalLM"], vocab_size=VOCAB,
+                   hidden_size=64, num_hidden_layers=2, num_attention_heads=8),
+    "bloom": dict(model_type="bloom", architectures=["BloomForCausalLM"], vocab_size=VOCAB,
+                  hidden_size=64, n_layer=2, n_head=8),
+    "opt": dict(model_type="opt", architectures=["OPTForCausalLM"], vocab_size=VOCAB,
+                hidden_size=64, num_hidden_layers=2, num_attention_heads=8, ffn_dim=96,
+                word_embed_proj_dim=64),
+}
+
+
+@pytest.mark.parametrize("family", sorted(HAND_WRITTEN))
+def test_hand_written_config_reads_as_transformers_reads_it(tmp_path, family):
+    """A config.json that leaves keys out means the transformers config class's defaults, which
+    differ by family (Mistral/Mixtral 8 KV heads, GLM 2 KV heads and head_dim 128, Mixtral eps
+    1e-5 and 8 experts, Qwen2 32 KV heads and rope_theta 1e4). Before: our LLaMA defaults (a
+    model that could not load its weights, or logits 0.11 off for Qwen2)."""
+    import json
+
+    import megatron_patch  # noqa: F401
+    from megatron_patch.convert.engine import hf_to_megatron
+    from megatron_patch.generation.loader import load_for_generation
+
+    cfg = HAND_WRITTEN[family]
+    hf = build_hf(cfg, str(tmp_path / "hf"))
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))  # not save_pretrained's
+    hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "mg"), tp=1, log=_quiet)
+    lm = load_for_generation(str(tmp_path / "mg"), log=_quiet, inference=False)
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids, pos, None)[..., :VOCAB], hf(ids).logits)
+
+
+def test_hand_written_mistral_keeps_its_default_window():
+    from megatron_patch.convert.engine import family_and_arch
+
+    _, arch = family_and_arch(HAND_WRITTEN["mistral"])
+    assert arch.config["window_size"] == (4095, 0) and arch.config["num_query_groups"] == 8
+    _, arch = family_and_arch(dict(HAND_WRITTEN["mistral"], sliding_window=None))
+    assert "window_size" not in arch.config  # an explicit null: no window, as transformers reads it

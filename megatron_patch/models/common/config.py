@@ -46,15 +46,21 @@ class MegatronArch:
 class ConfigTable:
     def __init__(self, family: str, fields: List[Field], consts: List[Const],
                  hf_defaults: Optional[dict] = None,
-                 finish: Optional[Callable[[dict, MegatronArch], None]] = None):
+                 finish: Optional[Callable[[dict, MegatronArch], None]] = None,
+                 class_defaults: Optional[dict] = None):
         self.family = family
         self.fields = fields
         self.consts = consts
         self.hf_defaults = hf_defaults or {}
         self.finish = finish  # family hook: derived values (kv_channels, rope scaling, ...)
+        # what the family's transformers config class takes for a key config.json leaves out
+        # (``save_pretrained`` writes every key, a hand-written config.json may not): read as
+        # transformers reads it, e.g. MistralConfig's num_key_value_heads=8, sliding_window=4096
+        self.class_defaults = class_defaults or {}
 
     def to_megatron(self, hf: dict) -> MegatronArch:
         arch = MegatronArch(self.family, {}, {}, copy.deepcopy(hf))
+        hf = {**self.class_defaults, **hf}  # a key that is present (even null) is the config's
         for c in self.consts:
             (arch.config if c.where == "config" else arch.model)[c.mg] = c.value
         for f in self.fields:

@@ -29,6 +29,9 @@ TABLE = ConfigTable(
     ],
     consts=[c for c in llama_consts() if c.mg != "add_qkv_bias"] + [Const("rotary_interleaved", True)],
     finish=_finish,
+    class_defaults={"num_key_value_heads": 2, "head_dim": 128, "rms_norm_eps": 1.5625e-07,
+                    "attention_bias": True, "partial_rotary_factor": 0.5,
+                    "rope_theta": 10000.0},  # GlmConfig's
 )
 
 

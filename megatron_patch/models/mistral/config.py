@@ -30,6 +30,8 @@ TABLE = ConfigTable(
     fields=llama_fields() + [Field("sliding_window", "window_size", get=_window_get, put=_window_put)],
     consts=llama_consts(),
     finish=_finish,
+    class_defaults={"num_key_value_heads": 8, "sliding_window": 4096, "rms_norm_eps": 1e-6,
+                    "rope_theta": 10000.0},  # MistralConfig's
 )
 
 

@@ -40,6 +40,9 @@ TABLE = ConfigTable(
         Const("moe_router_pre_softmax", False),
     ],
     finish=_finish,
+    class_defaults={"num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
+                    "num_local_experts": 8, "num_experts_per_tok": 2,
+                    "router_aux_loss_coef": 0.001},  # MixtralConfig's
 )
 
 

@@ -17,7 +17,10 @@ def _finish(hf: dict, arch: MegatronArch) -> None:
 
 
 TABLE = ConfigTable("qwen2", fields=llama_fields(1000000.0), consts=llama_consts(qkv_bias=True),
-                    finish=_finish)
+                    finish=_finish,
+                    # Qwen2Config's own defaults (num_key_value_heads is 32 whatever the heads)
+                    class_defaults={"num_key_value_heads": 32, "rms_norm_eps": 1e-6,
+                                    "rope_theta": 10000.0})
 
 
 def _qwen2(layers, hidden, ffn, heads, kv, vocab=151936, tie=False, max_pos=32768):
