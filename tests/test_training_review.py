@@ -97,6 +97,20 @@ def test_resume_with_other_optimizer_kind_is_one_error_line(tmp_path, fmt):
     assert "training finished at iteration 3" in out
 
 
+@pytest.mark.parametrize("fmt", ["legacy", "torch_dist"])
+def test_resume_with_other_model_shape_is_one_error_line(tmp_path, fmt):
+    """--load of a checkpoint saved with other model flags (here --hidden-size): before, torch's
+    "size mismatch" list (legacy) or a dist_checkpointing traceback (torch_dist)."""
+    ck = str(tmp_path / "ck")
+    _pretrain("--save", ck, "--ckpt-format", fmt, "--hidden-size", "32",
+              "--num-attention-heads", "4")
+    line, _ = _error(["-m", "megatron_patch.training.pretrain", *TINY, "--train-iters", "3",
+                      "--load", ck, "--ckpt-format", fmt, "--hidden-size", "64",
+                      "--num-attention-heads", "4"])
+    assert "does not fit" in line and "are the model flags those it was saved with?" in line
+    assert ("size mismatch for" if fmt == "legacy" else "Global shape mismatch") in line, line
+
+
 RESAVE_WORKER = r'''
 import json, os, shutil, sys
 import megatron_patch  # noqa: F401

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.core import CheckpointingException
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_patch.convert import layout
@@ -204,7 +205,15 @@ HEAD_SWAP = {"missing": ("rm_head.",), "unexpected": ("output_layer.",)}
 
 def _load_model_state(chunk, sd: dict, strict: bool = True, tolerate: Optional[dict] = None
                       ) -> None:
-    missing, unexpected = unwrap(chunk).load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = unwrap(chunk).load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # torch lists every size mismatch: name the first few, count them
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("size mismatch")]
+        if not lines:
+            raise
+        raise CheckpointError(f"checkpoint does not fit the model ({len(lines)} tensors of another "
+                              f"shape; are the model flags those it was saved with?): "
+                              + "; ".join(lines[:3])) from None
     tolerate = tolerate or {}
     missing = [k for k in missing if not k.endswith("_extra_state")
                and not k.startswith(tolerate.get("missing", ()))]
@@ -285,6 +294,10 @@ def load_checkpoint(root: str, model: List[torch.nn.Module], optimizer, schedule
             if optimizer is not None and load_optim and saved_do is not None and \
                     bool(saved_do) != _is_distributed_optimizer(optimizer):
                 raise _optimizer_kind_error(d, bool(saved_do)) from e
+            if isinstance(e, (CheckpointException, CheckpointingException)):
+                raise CheckpointError(f"{d} does not fit this run's model or optimizer (are the "
+                                      "model flags those it was saved with?): "
+                                      f"{_checkpoint_failure(e)}") from e
             raise
         for i, chunk in enumerate(model):
             _load_model_state(chunk, loaded[_model_key(i, len(model))])
@@ -309,6 +322,18 @@ def _has_optimizer_state(d: str, has: bool, optimizer) -> bool:
     if not has and optimizer is not None:
         print_rank_0(f"> {d} holds no optimizer state (weights only): the optimizer starts afresh")
     return has
+
+
+def _checkpoint_failure(e: BaseException) -> str:
+    """The cause of a dist_checkpointing load failure in one line: megatron-core's own message, or
+    the first failing rank's exception inside torch's CheckpointException (whose text is every
+    rank's traceback)."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, (exc, _trace) = sorted(failures.items())[0]
+        return f"rank {rank}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
 
 
 def _saved_setting(d: str, name: str):
