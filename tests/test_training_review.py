@@ -238,3 +238,19 @@ def test_load_of_a_weights_only_checkpoint_starts_a_fresh_optimizer(tmp_path):
                                 "--log-dir", str(tmp_path / f"log_{fmt}")))
         assert "holds no optimizer state (weights only)" in out, out[-2000:]
         assert losses(tmp_path / f"log_{fmt}") == losses(tmp_path / "ref")
+
+
+def test_sft_cut_names_pad_len_when_it_is_the_limit(tmp_path):
+    """Rows are cut to min(--seq-length, --pad-len): a --pad-len below --seq-length is what cuts,
+    and the message says so (it named --seq-length only)."""
+    from data_fixtures import llama_model
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"query": "a long question " * 8, "response": "yes"}) + "\n"
+                            for _ in range(4)))
+    line, _ = _error(["-m", "megatron_patch.training.finetune", "--seq-length", "64",
+                      "--pad-len", "8", "--tokenizer-model", llama_model(), "--train-data",
+                      str(data), "--epochs", "1", "--micro-batch-size", "1",
+                      "--global-batch-size", "1", "--num-layers", "1", "--hidden-size", "16",
+                      "--num-attention-heads", "2"])
+    assert "within --pad-len 8 (below --seq-length 64)" in line, line

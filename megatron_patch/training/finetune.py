@@ -152,15 +152,19 @@ def build_datasets(args, tokenizer):
             print_rank_last(f"warning: {name} data: {ds.bad.total} malformed records skipped "
                             f"({ds.bad.examples[:3]})")
         if args.task == "sft":
+            # the rows are cut to min(--seq-length, --pad-len) tokens: name the flag that cuts
+            limit = f"--seq-length {args.seq_length}"
+            if args.pad_len is not None and args.pad_len < args.seq_length:
+                limit = f"--pad-len {args.pad_len} (below --seq-length {args.seq_length})"
             empty = sum(all(x == sft_data.IGNORE_INDEX for x in labels)
                         for _, labels in ds.samples)
             if empty == len(ds.samples):
                 raise ArgumentError(
-                    f"{name} data: no sample keeps a response token within --seq-length "
-                    f"{args.seq_length} (the prompts fill it): raise SEQ_LEN")
+                    f"{name} data: no sample keeps a response token within {limit} (the prompts "
+                    "fill it): raise SEQ_LEN / PAD_LEN")
             if ds.truncated or empty:
                 print_rank_last(f"warning: {name} data: {ds.truncated} of {len(ds.samples)} "
-                                f"samples exceed --seq-length {args.seq_length} and were cut; "
+                                f"samples exceed {limit} and were cut; "
                                 f"{empty} keep no response token")
     return train, valid
 
