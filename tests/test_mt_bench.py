@@ -600,3 +600,22 @@ def test_answers_at_tp2_under_torchrun(ckpts, tmp_path):
     assert len(lines) == 4
     assert [json.loads(x)["choices"][0]["turns"] for x in lines] == [["I refuse."] * 2] * 4
     assert r.stdout.count("answers: rlhf: 4/4 questions") == 1
+
+
+def test_answers_with_fewer_turns_than_asked_are_reported(tmp_path):
+    """An answer file (another tool's, or edited) whose record has fewer turns than its question:
+    the missing turns are judged by no one, so the run says which questions, instead of a mean
+    over fewer turns without a word."""
+    q = _write(tmp_path / "q.jsonl", [{"question_id": 1, "category": "math", "turns": ["a", "b"]},
+                                      {"question_id": 2, "category": "math", "turns": ["c", "d"]}])
+    out = tmp_path / "o"
+    (out / "answers").mkdir(parents=True)
+    _write(out / "answers" / "m.jsonl", [{"question_id": 1, "turns": ["x"]},
+                                         {"question_id": 2, "turns": ["y", "z"]}])
+    logged = []
+    res = mt_bench.run(_args(["--question-file", q, "--out", str(out), "--model", "m",
+                              "--judge-base-url", "http://127.0.0.1:1/v1", "--judge-model", "j",
+                              "--mode", "table"]), log=logged.append)
+    warn = [m for m in logged if "fewer turns than asked" in m]
+    assert len(warn) == 1 and "in 1 questions (ids 1)" in warn[0], logged
+    assert res["rows"][0].missing == 3  # the answered turns, none judged yet

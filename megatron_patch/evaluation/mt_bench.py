@@ -278,6 +278,12 @@ def run(args, log=print) -> dict:
         n = sum(1 for q in questions if q.key in got)
         if n < len(questions):
             log(f"warning: model {name} has answers to {n} of {len(questions)} questions")
+        short = [q.key for q in questions if q.key in got and len(got[q.key]) < len(q.turns)]
+        if short:  # their later turns are judged by no one: say so, not a silently smaller mean
+            log(f"warning: model {name} answers fewer turns than asked in {len(short)} questions "
+                f"(ids {', '.join(short[:8])}{', ...' if len(short) > 8 else ''}): those turns "
+                "are not judged (regenerate them: remove those records and pass --model "
+                f"{name}=CKPT)")
         per_model[name] = got
 
     # 2. judgments
