@@ -111,7 +111,7 @@ def test_resume_with_other_model_shape_is_one_error_line(tmp_path, fmt):
     assert ("size mismatch for" if fmt == "legacy" else "Global shape mismatch") in line, line
 
 
-RESAVE_WORKER = r'''
+RESAVE_WORKER = r"""
 import json, os, shutil, sys
 import megatron_patch  # noqa: F401
 import torch
@@ -119,20 +119,19 @@ from megatron_patch.convert import layout
 from megatron_patch.training import checkpointing, engine
 from megatron_patch.training.arguments import build_parser
 
-out, root = sys.argv[1], sys.argv[2]
+out, base = sys.argv[1], sys.argv[2]
 args = build_parser().parse_args(["--mock-data", "--vocab-size", "256", "--seq-length", "16",
-                                  "--train-iters", "2", "--save", root])
+                                  "--train-iters", "2", "--save", base])
 arch = engine.resolve_arch(args)
 engine.initialize(args)
 model = engine.build_model(args, arch, engine.build_config(args, arch), 256)
 opt, sched = engine.build_optimizer(args, model)
-checkpointing.save_checkpoint(root, 2, model, opt, sched, {"consumed_train_samples": 2})
-with torch.no_grad():
-    for p in model[0].parameters():
-        p.add_(1.0)
-new = {k: v.clone() for k, v in checkpointing.unwrap(model[0]).state_dict().items()
-       if torch.is_tensor(v)}
-real = shutil.rmtree
+
+
+def weights():
+    return {k: v.clone() for k, v in checkpointing.unwrap(model[0]).state_dict().items()
+            if torch.is_tensor(v)}
+
 
 def dying_rmtree(path, *a, **k):  # deletes the rank files, then the process "dies"
     for d, _, files in os.walk(path):
@@ -140,25 +139,54 @@ def dying_rmtree(path, *a, **k):  # deletes the rank files, then the process "di
             os.unlink(os.path.join(d, f))
     raise KeyboardInterrupt("killed during the save")
 
-checkpointing.shutil.rmtree = dying_rmtree
-died = False
-try:  # the same iteration again (a --finetune rerun into its own --save folder)
+
+real_replace = os.replace
+
+
+def dying_replace(src, dst):  # the older folder goes aside, then the process "dies"
+    if str(src).endswith(".partial"):
+        raise KeyboardInterrupt("killed between the renames")
+    real_replace(src, dst)
+
+
+res = {}
+for kill in ("rmtree", "replace"):
+    root = os.path.join(base, kill)
     checkpointing.save_checkpoint(root, 2, model, opt, sched, {"consumed_train_samples": 2})
-except KeyboardInterrupt:
-    died = True
-checkpointing.shutil.rmtree = real
-with torch.no_grad():
-    for p in model[0].parameters():
-        p.zero_()
-res = {"died": died, "tracker": open(os.path.join(root, layout.TRACKER)).read()}
-try:
-    checkpointing.load_checkpoint(root, model, opt, sched)
-    now = checkpointing.unwrap(model[0]).state_dict()
-    res["loaded"] = "new" if all(torch.equal(now[k], v) for k, v in new.items()) else "other"
-except Exception as e:
-    res["loaded"] = "error: " + str(e)
+    first = weights()
+    with torch.no_grad():
+        for p in model[0].parameters():
+            p.add_(1.0)
+    new = weights()
+    if kill == "rmtree":
+        real, checkpointing.shutil.rmtree = checkpointing.shutil.rmtree, dying_rmtree
+    else:
+        real, checkpointing.os.replace = checkpointing.os.replace, dying_replace
+    died = False
+    try:  # the same iteration again (a --finetune rerun into its own --save folder)
+        checkpointing.save_checkpoint(root, 2, model, opt, sched, {"consumed_train_samples": 2})
+    except KeyboardInterrupt:
+        died = True
+    if kill == "rmtree":
+        checkpointing.shutil.rmtree = real
+    else:
+        checkpointing.os.replace = real
+    with torch.no_grad():
+        for p in model[0].parameters():
+            p.zero_()
+    r = {"died": died, "tracker": open(os.path.join(root, layout.TRACKER)).read(),
+         "folders": sorted(os.listdir(root))}
+    try:
+        checkpointing.load_checkpoint(root, model, opt, sched)
+        now = weights()
+        r["loaded"] = ("new" if all(torch.equal(now[k], v) for k, v in new.items()) else
+                       "first" if all(torch.equal(now[k], v) for k, v in first.items()) else "other")
+    except Exception as e:
+        r["loaded"] = "error: " + str(e)
+    r["after"] = sorted(os.listdir(root))
+    res[kill] = r
 json.dump(res, open(out, "w"))
-'''
+"""
 
 
 def test_killed_resave_of_an_iteration_leaves_a_loadable_tracker(tmp_path):
@@ -166,10 +194,18 @@ def test_killed_resave_of_an_iteration_leaves_a_loadable_tracker(tmp_path):
     worker.write_text(RESAVE_WORKER)
     out = tmp_path / "r.json"
     launch_local([str(worker), str(out), str(tmp_path / "ck")], 1, timeout=300)
-    r = json.loads(out.read_text())
-    # before: the old folder was deleted in place before the new one was renamed in, so a kill
-    # left the tracker on a half-deleted iter_0000002 ("... is missing")
+    res = json.loads(out.read_text())
+    # killed while deleting the older folder: before, the old folder was deleted in place before
+    # the new one was renamed in, so the tracker was left on a half-deleted iter_0000002
+    r = res["rmtree"]
     assert r["died"] and r["tracker"] == "2" and r["loaded"] == "new", r
+    # killed between the renames: the tracker names iter_0000002, which is aside; the load puts
+    # the complete older copy back (before: "... is missing")
+    r = res["replace"]
+    assert r["died"] and r["tracker"] == "2", r
+    assert ".iter_0000002.old" in r["folders"] and "iter_0000002" not in r["folders"], r
+    assert r["loaded"] == "first", r
+    assert "iter_0000002" in r["after"] and ".iter_0000002.old" not in r["after"], r
 
 
 def _pretrain_argv(out, **changes):

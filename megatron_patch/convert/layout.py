@@ -49,15 +49,40 @@ def rank_file(root: str, iteration: Optional[int], tp_rank: int, pp_rank: int, p
                         "model_optim_rng.pt")
 
 
+def aside_dirname(iteration: Optional[int]) -> str:
+    """Where a save of an iteration that already has a folder puts the older folder while it renames
+    the new one in (deleted once the tracker is written)."""
+    return f".{iter_dirname(iteration)}.old"
+
+
+def restore_aside(root: str, iteration: Optional[int]) -> None:
+    """A save killed between its two renames (the older folder of the iteration aside, the new one
+    in) leaves the tracker on a missing folder and the complete older one at ``aside_dirname``: put
+    it back. Safe when several processes call it at once."""
+    final = os.path.join(root, iter_dirname(iteration))
+    old = os.path.join(root, aside_dirname(iteration))
+    if os.path.isdir(final) or not os.path.isdir(old):
+        return
+    try:
+        os.replace(old, final)
+    except OSError as e:
+        if not os.path.isdir(final):  # not another process's restore: say what to do by hand
+            raise CheckpointError(
+                f"{final} is missing and its previous copy {old} (left by a killed save) could not "
+                f"be renamed back ({e}); rename it by hand") from None
+
+
 def read_tracker(root: str) -> Optional[Optional[int]]:
     """The iteration the tracker points at: an int, None for 'release'. Raises CheckpointError when
-    the tracker is missing or corrupt (the message names the file and its content)."""
+    the tracker is missing or corrupt (the message names the file and its content). Restores the
+    iteration's folder first when a killed save left it aside (``restore_aside``)."""
     path = os.path.join(root, TRACKER)
     if not os.path.isfile(path):
         raise CheckpointError(f"no {TRACKER} in {root}")
     with open(path) as f:
         text = f.read().strip()
     if text == "release":
+        restore_aside(root, None)
         return None
     try:
         it = int(text)
@@ -66,6 +91,7 @@ def read_tracker(root: str) -> Optional[Optional[int]]:
                               f"found {text[:40]!r}") from None
     if it < 0:
         raise CheckpointError(f"corrupt {path}: negative iteration {it}")
+    restore_aside(root, it)
     return it
 
 

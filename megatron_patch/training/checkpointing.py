@@ -109,10 +109,12 @@ def _model_key(i: int, n: int) -> str:
 def _finalize(root: str, partial: str, final: str, iteration: int) -> None:
     """Rename the complete ``partial`` folder into place, then point the tracker at it. An older
     folder of the same iteration (which the tracker may name) is renamed aside first and deleted
-    only after the tracker is written: a kill never leaves the tracker on a half-deleted folder."""
+    only after the tracker is written: a kill never leaves the tracker on a half-deleted folder,
+    and a kill between the two renames is undone by the next ``layout.read_tracker`` (or here)."""
     dist.barrier()
     if dist.get_rank() == 0:
-        old = partial[:-len(".partial")] + ".old"
+        layout.restore_aside(root, iteration)  # an earlier save of it killed between its renames
+        old = os.path.join(root, layout.aside_dirname(iteration))
         if os.path.isdir(old):
             shutil.rmtree(old)
         if os.path.isdir(final):
