@@ -47,6 +47,32 @@ def test_apply_all_is_idempotent():
     assert calls == [] and torch.cuda.current_device is before
 
 
+def test_patch_that_finds_nothing_to_change_is_not_reported_applied(monkeypatch):
+    """With TE/Apex installed two bug patches return early; the table said "applied" for them."""
+    import megatron_patch  # noqa: F401
+    from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.transformer.moe import moe_utils
+
+    from megatron_patch import patches
+
+    by_name = {p.name: p for p in patches.REGISTRY}
+    adam, gemm = by_name["distopt.torch_adam_step"], by_name["moe.te_general_gemm"]
+    cls = distrib_optimizer.DistributedOptimizer
+    monkeypatch.setattr(distrib_optimizer, "HAVE_APEX_OR_TE", True)
+    monkeypatch.setattr(moe_utils, "te_general_gemm", object(), raising=False)
+    monkeypatch.setattr(cls, "load_state_dict", cls.load_state_dict)  # restored after the test
+    monkeypatch.setattr(cls, "_set_main_param_and_optimizer_states",
+                        cls._set_main_param_and_optimizer_states)
+    for p in (adam, gemm):
+        monkeypatch.setattr(p, "status", "pending")
+    before = cls.load_state_dict
+    patches.apply_stage("megatron")
+    assert adam.status == "not needed here (fused Adam of TE/Apex in use)", adam.status
+    assert gemm.status == "not needed here (Transformer Engine defines it)", gemm.status
+    assert cls.load_state_dict is before
+    assert all(p.status == "applied" for p in patches.REGISTRY if p not in (adam, gemm))
+
+
 def test_unchecked_version_warns_once(monkeypatch):
     from megatron_patch import patches
 

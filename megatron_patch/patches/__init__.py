@@ -2,8 +2,10 @@
 
 Each patch is one small named function with the attribute it targets, the reason, the megatron-core
 versions it was checked against and the condition under which it applies (CPU only, or always for
-megatron-core bugs). ``apply_all()`` runs them once (idempotent); ``python -m megatron_patch.patches``
-prints the table. No patch rewrites Megatron source text: patches replace attributes only.
+megatron-core bugs). A patch function returns None when it changed its target, or a short reason
+when it found nothing to change on this installation (the table shows "not needed here" and the
+reason). ``apply_all()`` runs them once (idempotent); ``python -m megatron_patch.patches`` prints
+the table. No patch rewrites Megatron source text: patches replace attributes only.
 
 ``MEGATRON_PATCH_SKIP=name1,name2`` switches patches off (to show that a patch is needed).
 """
@@ -98,12 +100,13 @@ def apply_stage(stage: str) -> None:
             p.status = "skipped (MEGATRON_PATCH_SKIP)" if p.name in _skipped() else "not needed here"
             continue
         try:
-            p.fn()
+            why_not = p.fn()
         except AttributeError as e:  # target moved in another megatron-core version
             p.status = f"failed: {e}"
             warnings.warn(f"patch {p.name} could not be applied: {e}")
             continue
-        p.status = "applied"
+        # a patch function returns a reason when it finds nothing to change here (e.g. TE present)
+        p.status = "applied" if why_not is None else f"not needed here ({why_not})"
 
 
 def apply_all() -> None:

@@ -21,8 +21,9 @@ from megatron_patch.patches import register
 def _moe_te_general_gemm():
     from megatron.core.transformer.moe import moe_utils
 
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
+    if hasattr(moe_utils, "te_general_gemm"):
+        return "Transformer Engine defines it"
+    moe_utils.te_general_gemm = None
 
 
 @register("distopt.torch_adam_step",
@@ -35,7 +36,8 @@ def _distopt_torch_adam_step():
     from megatron.core.optimizer import distrib_optimizer
 
     if distrib_optimizer.HAVE_APEX_OR_TE:
-        return  # fused Adam keeps step in the param group: the bug cannot happen
+        # fused Adam keeps step in the param group: the bug cannot happen
+        return "fused Adam of TE/Apex in use"
     cls = distrib_optimizer.DistributedOptimizer
     set_states = cls._set_main_param_and_optimizer_states
     load_sd = cls.load_state_dict
