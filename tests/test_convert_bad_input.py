@@ -73,7 +73,7 @@ def test_targets_never_touch_the_source(tmp_path, capsys):
 
 @pytest.mark.parametrize("change,expected", [
     ({"attention_bias": True}, "llama config.json: LLaMA with attention_bias"),
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope scaling"),
     ({"num_hidden_layers": None}, "num_hidden_layers"),
 ])
 def test_config_a_family_cannot_take_is_one_line(tmp_path, capsys, change, expected):

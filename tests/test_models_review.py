@@ -8,6 +8,9 @@ that names it, before anything is written.
   (HF: training only), so eval / generation logits were random and differed from transformers.
 - Mixtral ``num_experts_per_tok=1`` converted, then could not be built (megatron-core demands the
   pre-softmax router for top-1, which would weigh the expert by its probability, HF by 1).
+- Linear RoPE scaling (``{"rope_type": "linear", "factor": f}``, long-context LLaMA-2 fine-tunes) was
+  refused for every LLaMA-shaped family; it is now converted (Qwen2's parity case has it at every
+  layout, the others are checked here); dynamic NTK and YaRN are still refused.
 """
 import os
 import sys
@@ -153,3 +156,37 @@ def test_hand_written_mistral_keeps_its_default_window():
     assert arch.config["window_size"] == (4095, 0) and arch.config["num_query_groups"] == 8
     _, arch = family_and_arch(dict(HAND_WRITTEN["mistral"], sliding_window=None))
     assert "window_size" not in arch.config  # an explicit null: no window, as transformers reads it
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "mixtral", "glm"])
+def test_linear_rope_scaling_matches_transformers(tmp_path, family):
+    import megatron_patch  # noqa: F401
+    from megatron_patch.convert.engine import hf_to_megatron
+    from megatron_patch.generation.loader import load_for_generation
+
+    scaling = {"rope_type": "linear", "factor": 3.0}
+    hf = build_hf(_family_cfg(family, rope_scaling=scaling), str(tmp_path / "hf"))
+    plain = build_hf(_family_cfg(family), str(tmp_path / "plain"))  # same seed: same weights
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert (ref - plain(ids).logits).abs().max() > 1e-2  # the scaling changes the model
+    hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "mg"), tp=1, log=_quiet)
+    lm = load_for_generation(str(tmp_path / "mg"), log=_quiet, inference=family != "mixtral")
+    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids, pos, None)[..., :VOCAB], ref)
+
+
+@pytest.mark.parametrize("scaling,expected", [
+    ({"rope_type": "dynamic", "factor": 2.0}, "only linear"),
+    ({"rope_type": "yarn", "factor": 2.0}, "only linear"),
+    ({"rope_type": "linear"}, "needs a number 'factor'"),
+    ({"rope_type": "linear", "factor": 0}, "must be > 0"),
+])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_other_rope_scalings_are_refused(family, scaling, expected):
+    from megatron_patch.convert.engine import family_and_arch
+
+    with pytest.raises(Exception, match=expected):
+        family_and_arch(_family_cfg(family, rope_scaling=scaling))

@@ -156,6 +156,10 @@ def build_gpt_model(arch: MegatronArch, config: TransformerConfig, *, pre_proces
     )
     if fam.post_build is not None:
         fam.post_build(model, arch)
+    if arch.extra.get("rope_linear_factor"):
+        from megatron_patch.models.common.llama_like import scale_rope_linear
+
+        scale_rope_linear(model, arch.extra["rope_linear_factor"])
     if inference:
         from megatron_patch.models.common.inference import adopt_inference_modules
 

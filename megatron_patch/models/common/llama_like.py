@@ -1,8 +1,9 @@
 """Config-table pieces shared by the LLaMA-shaped families (Qwen2, Mistral, Mixtral, GLM).
 
 ``llama_fields()`` is the LLaMA field list (layers, sizes, heads, KV groups, eps, vocab, positions,
-rope theta, tied head); ``finish_llama_like`` derives ``kv_channels`` and refuses rope scalings that
-megatron-core cannot express; ``check_hidden_act`` refuses an MLP activation other than SiLU (the
+rope theta, tied head); ``finish_llama_like`` derives ``kv_channels``, takes linear RoPE scaling
+(``linear_rope_factor``; ``scale_rope_linear`` applies it to the built model) and refuses the rope
+scalings it cannot express (dynamic NTK, YaRN, ...); ``check_hidden_act`` refuses an MLP activation other than SiLU (the
 consts build SwiGLU, whatever ``hidden_act`` says). Each family builds its own ``ConfigTable`` from
 these plus its consts.
 """
@@ -60,4 +61,29 @@ def finish_llama_like(hf: dict, arch: MegatronArch, family: str) -> None:
     arch.config["kv_channels"] = hf.get("head_dim") or arch.config["hidden_size"] // heads
     rs = rope_scaling_of(hf)
     if rs is not None:
-        raise ValueError(f"{family} rope scaling {rs!r} is not supported")
+        arch.extra["rope_linear_factor"] = linear_rope_factor(rs, family)
+
+
+def linear_rope_factor(rs: dict, family: str, also: str = "") -> float:
+    """The factor of a ``{"rope_type": "linear", "factor": f}`` scaling (positions divided by f, as
+    in transformers' ``_compute_linear_scaling_rope_parameters``); any other kind is refused."""
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind != "linear":
+        raise ValueError(f"{family} rope scaling {rs!r} is not supported (only linear{also})")
+    try:
+        factor = float(rs["factor"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{family} linear rope scaling needs a number 'factor', got {rs!r}") from None
+    if not factor > 0:
+        raise ValueError(f"{family} linear rope scaling factor must be > 0, got {factor}")
+    return factor
+
+
+def scale_rope_linear(model, factor: float) -> None:
+    """Divide the built model's RoPE inverse frequencies by ``factor``: transformers' arithmetic
+    (``inv_freq / factor``, then position x inv_freq), so the angles are bitwise its angles.
+    megatron-core's ``seq_len_interpolation_factor`` scales the positions instead, which rounds
+    differently for factors that are not powers of two."""
+    emb = getattr(model, "rotary_pos_emb", None)
+    if emb is not None:
+        emb.inv_freq = emb.inv_freq / factor
