@@ -70,8 +70,12 @@ def _cuda_rng():
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     torch.cuda.random.get_rng_state = torch.cuda.get_rng_state
     torch.cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
-    torch.cuda.manual_seed = lambda seed: None  # the CPU generator is seeded by torch.manual_seed
-    torch.cuda.manual_seed_all = lambda seed: None
+    # the CPU generator plays the CUDA one (as for get/set above): megatron-core's RNG tracker
+    # seeds each stream with torch.cuda.manual_seed between a get and a set of the state (a no-op
+    # here made every stream a copy of the generator: the same on every TP rank)
+    # (torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the generator directly)
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    torch.cuda.manual_seed_all = torch.cuda.manual_seed
 
 
 @register("cuda.synchronize", "torch.cuda.synchronize",

@@ -11,13 +11,21 @@ generation. Modules keep the groups they were built with; what megatron-core loo
 (schedules, gradient finalisation, the default TP group of its linears) then sees the same layout.
 
 Every role spans the whole world: a layout of TP x PP has world / (TP x PP) data-parallel replicas.
+
+megatron-core's RNG tracker (the streams its dropout forks: the model-parallel one is seeded with the
+TP rank) is module state too: given the job's seed, each layout gets its own tracker, seeded as
+``model_parallel_cuda_manual_seed`` seeds it for that layout's ranks, and ``use`` installs it with
+the groups (otherwise a role on a second layout forks the first layout's streams: the two TP ranks
+of a TP=2 value model beside a TP=1 policy would share their attention-dropout masks).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Hashable, Tuple
+from typing import Dict, Hashable, Optional, Tuple
 
+import torch
 from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import random as mr
 
 # buffers shared by every layout (not part of a layout's groups)
 _SHARED = {"_GLOBAL_MEMORY_BUFFER", "_GLOBAL_SYMMETRIC_MEMORY_BUFFER"}
@@ -37,14 +45,34 @@ def _install(state: Dict[str, object]) -> None:
         setattr(ps, n, v)
 
 
-class Layouts:
-    """The layouts of a job. The layout active when it is created (the engine initialised it) is
-    registered under ``first_key``."""
+def _seeded_tracker(seed: int):
+    """A new RNG tracker seeded for the installed layout's ranks (megatron-core's
+    ``model_parallel_cuda_manual_seed``); the installed tracker and the generators are left as
+    they were."""
+    before = mr._CUDA_RNG_STATE_TRACKER, mr._CUDA_RNG_STATE_TRACKER_INITIALIZED
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    try:
+        mr.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+        return mr._CUDA_RNG_STATE_TRACKER
+    finally:
+        mr._CUDA_RNG_STATE_TRACKER, mr._CUDA_RNG_STATE_TRACKER_INITIALIZED = before
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
-    def __init__(self, first_key: Hashable):
+
+class Layouts:
+    """The layouts of a job. The layout active when it is created (the engine initialised it and
+    seeded megatron-core's RNG tracker with ``seed``) is registered under ``first_key``; with a
+    ``seed``, every added layout gets an RNG tracker of its own."""
+
+    def __init__(self, first_key: Hashable, seed: Optional[int] = None):
         if not ps.model_parallel_is_initialized():
             raise RuntimeError("initialise megatron-core's parallel state first")
         self._states = {first_key: _snapshot()}
+        self._seed = seed
+        self._trackers = {first_key: mr._CUDA_RNG_STATE_TRACKER}
         self._active = first_key
 
     @staticmethod
@@ -69,6 +97,9 @@ class Layouts:
                                          virtual_pipeline_model_parallel_size=vpp,
                                          expert_model_parallel_size=ep)
             self._states[key] = _snapshot()
+            # without a seed: the layouts share the installed tracker (as before)
+            self._trackers[key] = (mr._CUDA_RNG_STATE_TRACKER if self._seed is None else
+                                   _seeded_tracker(self._seed))
         finally:
             _install(shared)  # one memory buffer for every layout
             _install(self._states[before])
@@ -79,12 +110,16 @@ class Layouts:
         before = self._active
         if key != before:
             self._states[before] = _snapshot()  # e.g. the virtual pipeline rank moved on
+            self._trackers[before] = mr._CUDA_RNG_STATE_TRACKER
             _install(self._states[key])
+            mr._CUDA_RNG_STATE_TRACKER = self._trackers[key]
             self._active = key
         try:
             yield
         finally:
             if key != before:
                 self._states[key] = _snapshot()
+                self._trackers[key] = mr._CUDA_RNG_STATE_TRACKER
                 _install(self._states[before])
+                mr._CUDA_RNG_STATE_TRACKER = self._trackers[before]
                 self._active = before

@@ -537,7 +537,7 @@ class RLHFTrainer:
         init_args = argparse.Namespace(**vars(policy_args))  # the schedule is the trainer's
         init_args.train_iters, init_args.train_tokens, init_args.epochs = steps, None, None
         engine.initialize(init_args)
-        self.layouts = Layouts(layout_key(init_args))
+        self.layouts = Layouts(layout_key(init_args), seed=init_args.seed)
         self.tokenizer, original = load_tokenizer(policy_args, arch)
         self.eos = self.tokenizer.eos
         self.pad = self.tokenizer.pad
