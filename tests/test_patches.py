@@ -8,6 +8,8 @@ import sys
 import warnings
 from importlib.metadata import distribution
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
