@@ -8,9 +8,10 @@ that names it, before anything is written.
   (HF: training only), so eval / generation logits were random and differed from transformers.
 - Mixtral ``num_experts_per_tok=1`` converted, then could not be built (megatron-core demands the
   pre-softmax router for top-1, which would weigh the expert by its probability, HF by 1).
-- Linear RoPE scaling (``{"rope_type": "linear", "factor": f}``, long-context LLaMA-2 fine-tunes) was
-  refused for every LLaMA-shaped family; it is now converted (Qwen2's parity case has it at every
-  layout, the others are checked here); dynamic NTK and YaRN are still refused.
+- Linear RoPE scaling (``{"rope_type": "linear", "factor": f}``, long-context LLaMA-2 fine-tunes) and
+  YaRN (Qwen2.5's long-context setting) were refused for every LLaMA-shaped family; both are now
+  converted (Qwen2's parity case has linear scaling at every layout, the rest is checked here);
+  dynamic NTK and longrope are still refused, and YaRN for GLM (interleaved RoPE).
 """
 import os
 import sys
@@ -180,7 +181,9 @@ def test_linear_rope_scaling_matches_transformers(tmp_path, family):
 
 @pytest.mark.parametrize("scaling,expected", [
     ({"rope_type": "dynamic", "factor": 2.0}, "only linear"),
-    ({"rope_type": "yarn", "factor": 2.0}, "only linear"),
+    ({"rope_type": "longrope", "factor": 2.0}, "only linear"),
+    ({"rope_type": "yarn", "factor": 2.0, "attention_factor": 1.5}, "explicit attention_factor"),
+    ({"rope_type": "yarn", "original_max_position_embeddings": 8}, "needs a number 'factor'"),
     ({"rope_type": "linear"}, "needs a number 'factor'"),
     ({"rope_type": "linear", "factor": 0}, "must be > 0"),
 ])
@@ -190,3 +193,54 @@ def test_other_rope_scalings_are_refused(family, scaling, expected):
 
     with pytest.raises(Exception, match=expected):
         family_and_arch(_family_cfg(family, rope_scaling=scaling))
+
+
+def test_yarn_is_refused_for_interleaved_rope():
+    """megatron-core's YarnRotaryEmbedding does not take GLM's interleaved RoPE."""
+    from megatron_patch.convert.engine import family_and_arch
+
+    with pytest.raises(Exception, match="only linear"):
+        family_and_arch(_family_cfg("glm", rope_scaling={"rope_type": "yarn", "factor": 2.0,
+                                                         "original_max_position_embeddings": 8}))
+
+
+@pytest.mark.parametrize("family,rope", [
+    ("qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}),
+    ("llama", {"type": "yarn", "factor": 3.0, "original_max_position_embeddings": 16,
+               "beta_fast": 16, "beta_slow": 2}),
+    ("mistral", {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8,
+                 "mscale": 0.8, "mscale_all_dim": 0.5}),
+    ("mixtral", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
+])
+@pytest.mark.parametrize("inference", [False, True], ids=["training_modules", "inference_modules"])
+def test_yarn_rope_scaling_matches_transformers(tmp_path, family, rope, inference):
+    """YaRN (Qwen2.5's long-context setting) as megatron-core's YarnRotaryEmbedding: the logits equal
+    transformers' (whose attention factor scales cos and sin), and greedy generation of a batch
+    mixing prompt lengths equals ``generate``."""
+    import megatron_patch  # noqa: F401
+    from megatron_patch.convert.engine import hf_to_megatron
+    from megatron_patch.generation import SamplingParams, generate
+    from megatron_patch.generation.loader import load_for_generation
+
+    # MixtralConfig's head_dim None breaks transformers' own YaRN (None * 1.0): give it
+    kw = {"head_dim": 16} if family == "mixtral" else {}
+    hf = build_hf(_family_cfg(family, rope_scaling=rope, **kw), str(tmp_path / "hf"))
+    plain = build_hf(_family_cfg(family), str(tmp_path / "plain"))
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert (ref - plain(ids).logits).abs().max() > 1e-2  # the scaling changes the model
+    hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "mg"), tp=1, log=_quiet)
+    lm = load_for_generation(str(tmp_path / "mg"), log=_quiet, inference=inference)
+    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids, pos, None)[..., :VOCAB], ref)
+    prompts = [ids[0, :5].tolist(), ids[1, :11].tolist()]
+    out = generate(lm.model, prompts, SamplingParams(max_new_tokens=12, greedy=True),
+                   vocab_size=VOCAB)
+    hf.generation_config.eos_token_id = None  # the full length, as generate() without stops
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False,
+                               pad_token_id=0)[0, len(p):].tolist()
+        assert out.row(i) == want, (p, out.row(i), want)

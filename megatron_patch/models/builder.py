@@ -132,6 +132,8 @@ def build_gpt_model(arch: MegatronArch, config: TransformerConfig, *, pre_proces
         final_norm = TENorm
     spec = block_spec(layer, config, vp_stage=vp_stage, **({"final_norm": final_norm} if final_norm else {}))
     m = dict(arch.model)
+    for key, value in arch.extra.get("yarn", {}).items():
+        setattr(config, key, value)  # read by GPTModel and the attention (not dataclass fields)
     cls, more = GPTModel, {}
     if reward_head:
         from megatron_patch.models.reward import GPTRewardModel

@@ -34,8 +34,11 @@ CASES = {
     "qwen2": (_llama(architectures=["Qwen2ForCausalLM"], model_type="qwen2", tie_word_embeddings=True,
                      use_sliding_window=False, rope_scaling={"rope_type": "linear", "factor": 3.0}),
               {}),
-    # window 8 < the 24-token test sequence: the sliding window changes the logits
-    "mistral": (_llama(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=8), {}),
+    # window 8 < the 24-token test sequence: the sliding window changes the logits; YaRN (x2 beyond
+    # 8 positions) too
+    "mistral": (_llama(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=8,
+                       rope_scaling={"rope_type": "yarn", "factor": 2.0,
+                                     "original_max_position_embeddings": 8}), {}),
     "mixtral": (_llama(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=4,
                        num_experts_per_tok=2, router_jitter_noise=0.0, intermediate_size=48), {"ep": 2}),
     "glm": (_llama(architectures=["GlmForCausalLM"], model_type="glm", head_dim=16,

@@ -2,8 +2,9 @@
 
 ``llama_fields()`` is the LLaMA field list (layers, sizes, heads, KV groups, eps, vocab, positions,
 rope theta, tied head); ``finish_llama_like`` derives ``kv_channels``, takes linear RoPE scaling
-(``linear_rope_factor``; ``scale_rope_linear`` applies it to the built model) and refuses the rope
-scalings it cannot express (dynamic NTK, YaRN, ...); ``check_hidden_act`` refuses an MLP activation other than SiLU (the
+(``linear_rope_factor``; ``scale_rope_linear`` applies it to the built model) and YaRN
+(``take_yarn``: megatron-core's ``YarnRotaryEmbedding``), and refuses the rope scalings it cannot
+express (dynamic NTK, longrope, ...); ``check_hidden_act`` refuses an MLP activation other than SiLU (the
 consts build SwiGLU, whatever ``hidden_act`` says). Each family builds its own ``ConfigTable`` from
 these plus its consts.
 """
@@ -60,8 +61,44 @@ def finish_llama_like(hf: dict, arch: MegatronArch, family: str) -> None:
     heads = arch.config["num_attention_heads"]
     arch.config["kv_channels"] = hf.get("head_dim") or arch.config["hidden_size"] // heads
     rs = rope_scaling_of(hf)
-    if rs is not None:
-        arch.extra["rope_linear_factor"] = linear_rope_factor(rs, family)
+    if rs is None:
+        return
+    if rs.get("rope_type", rs.get("type")) == "yarn" and not arch.config.get("rotary_interleaved"):
+        take_yarn(hf, rs, arch, family)
+    else:
+        arch.extra["rope_linear_factor"] = linear_rope_factor(rs, family, also=" and yarn")
+
+
+def take_yarn(hf: dict, rs: dict, arch: MegatronArch, family: str) -> None:
+    """``{"rope_type": "yarn", ...}`` (e.g. the setting Qwen2.5 suggests beyond 32K tokens) as
+    megatron-core's ``YarnRotaryEmbedding`` (``position_embedding_type="yarn"``), which computes the
+    inverse frequencies, the correction range and the attention factor with transformers'
+    ``_compute_yarn_parameters`` formulas. Its settings are ``TransformerConfig`` attributes that the
+    base class does not declare: ``arch.extra["yarn"]``, set on the config by the builder."""
+    if rs.get("attention_factor") is not None:
+        raise ValueError(f"{family} yarn rope scaling with an explicit attention_factor is not "
+                         "supported (megatron-core derives it from factor and mscale)")
+    orig = rs.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
+    try:  # transformers requires the factor too
+        orig, factor = int(orig), float(rs["factor"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{family} yarn rope scaling needs a number 'factor' and "
+                         f"'original_max_position_embeddings', got {rs!r}") from None
+    if not factor > 0 or orig < 1:
+        raise ValueError(f"{family} yarn rope scaling: factor must be > 0 and "
+                         f"original_max_position_embeddings >= 1, got {rs!r}")
+    mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
+    both = bool(mscale and mscale_all_dim)  # transformers uses the two only together
+    arch.model["position_embedding_type"] = "yarn"
+    arch.extra["yarn"] = {
+        "yarn_rotary_scaling_factor": factor,
+        "yarn_original_max_position_embeddings": orig,
+        "yarn_beta_fast": float(rs.get("beta_fast") or 32),
+        "yarn_beta_slow": float(rs.get("beta_slow") or 1),
+        "yarn_mscale": float(mscale) if both else None,
+        "yarn_mscale_all_dim": float(mscale_all_dim) if both else None,
+        "yarn_correction_range_round_to_int": bool(rs.get("truncate", True)),
+    }
 
 
 def linear_rope_factor(rs: dict, family: str, also: str = "") -> float:

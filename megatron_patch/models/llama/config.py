@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from megatron_patch.models.common.config import (
     Const, ConfigTable, Field, MegatronArch, rope_scaling_of, rope_theta_get, rope_theta_put)
-from megatron_patch.models.common.llama_like import check_hidden_act, linear_rope_factor
+from megatron_patch.models.common.llama_like import check_hidden_act, linear_rope_factor, take_yarn
 
 
 def _finish(hf: dict, arch: MegatronArch) -> None:
@@ -14,8 +14,11 @@ def _finish(hf: dict, arch: MegatronArch) -> None:
     head_dim = hf.get("head_dim") or arch.config["hidden_size"] // heads
     arch.config["kv_channels"] = head_dim
     rs = rope_scaling_of(hf)
-    if rs is not None and rs.get("rope_type", rs.get("type")) != "llama3":
-        arch.extra["rope_linear_factor"] = linear_rope_factor(rs, "LLaMA", also=" and llama3")
+    kind = rs.get("rope_type", rs.get("type")) if rs is not None else None
+    if kind == "yarn":
+        take_yarn(hf, rs, arch, "LLaMA")
+    elif rs is not None and kind != "llama3":
+        arch.extra["rope_linear_factor"] = linear_rope_factor(rs, "LLaMA", also=", yarn and llama3")
     elif rs is not None:
         arch.model["rope_scaling"] = True
         arch.model["rope_scaling_factor"] = float(rs["factor"])
