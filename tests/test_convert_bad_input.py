@@ -72,7 +72,7 @@ def test_targets_never_touch_the_source(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("change,expected", [
-    ({"attention_bias": True}, "llama config.json: LLaMA with attention_bias"),
+    ({"hidden_act": "gelu"}, "llama config.json: LLaMA hidden_act 'gelu'"),
     ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope scaling"),
     ({"num_hidden_layers": None}, "num_hidden_layers"),
 ])

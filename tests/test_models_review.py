@@ -12,6 +12,9 @@ that names it, before anything is written.
   YaRN (Qwen2.5's long-context setting) were refused for every LLaMA-shaped family; both are now
   converted (Qwen2's parity case has linear scaling at every layout, the rest is checked here);
   dynamic NTK and longrope are still refused, and YaRN for GLM (interleaved RoPE).
+- LLaMA ``attention_bias`` / ``mlp_bias`` ("llamafied" Qwen-1 / InternLM / Baichuan checkpoints)
+  were refused; the biased linears are now given by the spec (case ``llama_bias`` has both at every
+  layout; each alone is checked here).
 """
 import os
 import sys
@@ -244,3 +247,44 @@ def test_yarn_rope_scaling_matches_transformers(tmp_path, family, rope, inferenc
             want = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False,
                                pad_token_id=0)[0, len(p):].tolist()
         assert out.row(i) == want, (p, out.row(i), want)
+
+
+@pytest.mark.parametrize("bias", ["attention_bias", "mlp_bias"])
+@pytest.mark.parametrize("inference", [False, True], ids=["training_modules", "inference_modules"])
+def test_llama_linear_biases_match_transformers(tmp_path, bias, inference):
+    """Each of LLaMA's bias switches alone: the biased linears are exactly those of the HF model
+    (megatron-core's add_bias_linear would bias o_proj and the MLP together)."""
+    import megatron_patch  # noqa: F401
+    from megatron_patch.convert.engine import hf_to_megatron, megatron_to_hf
+    from megatron_patch.generation import SamplingParams, generate
+    from megatron_patch.generation.loader import load_for_generation
+
+    hf = build_hf(_family_cfg("llama", **{bias: True}), str(tmp_path / "hf"))
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "mg"), tp=1, log=_quiet)
+    lm = load_for_generation(str(tmp_path / "mg"), log=_quiet, inference=inference)
+    names = [n for n, _ in lm.model.named_parameters() if n.endswith(".bias")]
+    want = ({"self_attention.linear_qkv.bias", "self_attention.linear_proj.bias"}
+            if bias == "attention_bias" else {"mlp.linear_fc1.bias", "mlp.linear_fc2.bias"})
+    assert {n.split(".", 3)[3] for n in names} == want, names
+    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids, pos, None)[..., :VOCAB], ref)
+    prompts = [ids[0, :5].tolist(), ids[1, :11].tolist()]
+    out = generate(lm.model, prompts, SamplingParams(max_new_tokens=8, greedy=True),
+                   vocab_size=VOCAB)
+    hf.generation_config.eos_token_id = None
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            want_ids = hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False,
+                                   pad_token_id=0)[0, len(p):].tolist()
+        assert out.row(i) == want_ids
+    # and back: the HF weights round-trip bit for bit
+    megatron_to_hf(str(tmp_path / "mg"), str(tmp_path / "back"), log=_quiet)
+    import transformers as T
+
+    back = T.AutoModelForCausalLM.from_pretrained(str(tmp_path / "back"), dtype=torch.float32)
+    for (n, a), (m, b) in zip(hf.state_dict().items(), back.state_dict().items()):
+        assert n == m and torch.equal(a, b), n

@@ -30,6 +30,8 @@ CASES = {
     "llama_mqa_tied": (_llama(num_key_value_heads=1, tie_word_embeddings=True, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16}), {}),
+    # attention_bias (Q/K/V and o_proj) and mlp_bias (gate/up/down): "llamafied" checkpoints
+    "llama_bias": (_llama(attention_bias=True, mlp_bias=True), {}),
     # linear rope scaling by 3 (not a power of two: position/3 rounds, inv_freq/3 too)
     "qwen2": (_llama(architectures=["Qwen2ForCausalLM"], model_type="qwen2", tie_word_embeddings=True,
                      use_sliding_window=False, rope_scaling={"rope_type": "linear", "factor": 3.0}),

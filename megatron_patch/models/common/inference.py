@@ -52,7 +52,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_patch.models.common.modules import SDPAttention
+from megatron_patch.models.common.modules import SDPAttention, with_bias
 
 CACHE_KEY = "rotated_kv"
 
@@ -291,6 +291,15 @@ _SWAPS = {SelfAttention: RotatedKVSelfAttention,
           RowParallelLinear: InferenceRowParallelLinear}
 
 
+def _swap(cls):
+    """The inference module for exactly ``cls``, also for a ``modules.with_bias`` class of it;
+    ``cls`` itself otherwise."""
+    if cls in _SWAPS:
+        return _SWAPS[cls]
+    base = cls.__dict__.get("biased_of") if isinstance(cls, type) else None
+    return with_bias(_SWAPS[base]) if base in _SWAPS else cls
+
+
 def inference_layer_spec(spec: ModuleSpec) -> ModuleSpec:
     """A copy of ``spec`` with the inference-only modules in place of exactly megatron-core's
     ``SelfAttention``, ``ColumnParallelLinear`` and ``RowParallelLinear`` (subclasses, Transformer
@@ -299,14 +308,13 @@ def inference_layer_spec(spec: ModuleSpec) -> ModuleSpec:
 
     def visit(node):
         if isinstance(node, ModuleSpec):
-            if node.module in _SWAPS:
-                node.module = _SWAPS[node.module]
+            node.module = _swap(node.module)
             visit(node.submodules)
         elif node is not None and hasattr(node, "__dataclass_fields__"):
             for name in node.__dataclass_fields__:
                 child = getattr(node, name)
-                if isinstance(child, type) and child in _SWAPS:
-                    setattr(node, name, _SWAPS[child])
+                if isinstance(child, type) and _swap(child) is not child:
+                    setattr(node, name, _swap(child))
                 else:
                     visit(child)
         elif isinstance(node, (list, tuple)):

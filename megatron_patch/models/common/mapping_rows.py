@@ -12,7 +12,8 @@ from megatron_patch.convert.rules import GATED, GATED_FUSED, REPLICATED, ROW, VO
 
 
 def llama_rows(arch, *, qkv_bias: bool = False, fused_gate_up: bool = False,
-               moe: bool = False, prefix: str = "model.") -> List[Row]:
+               moe: bool = False, prefix: str = "model.", proj_bias: bool = False,
+               mlp_bias: bool = False) -> List[Row]:
     L = f"{prefix}layers.{{i}}."
     M = "decoder.layers.{i}."
     rows = [
@@ -26,6 +27,17 @@ def llama_rows(arch, *, qkv_bias: bool = False, fused_gate_up: bool = False,
     if qkv_bias:
         rows.append(Row((f"{L}self_attn.q_proj.bias", f"{L}self_attn.k_proj.bias",
                          f"{L}self_attn.v_proj.bias"), f"{M}self_attention.linear_qkv.bias", qkv()))
+    if proj_bias:  # a row-parallel bias is added once, after the reduction: every TP rank's copy
+        rows.append(Row(f"{L}self_attn.o_proj.bias", f"{M}self_attention.linear_proj.bias",
+                        REPLICATED))
+    if mlp_bias:
+        if moe or fused_gate_up:
+            raise ValueError("mlp_bias is mapped for the separate gate/up projections only")
+        rows += [
+            Row((f"{L}mlp.gate_proj.bias", f"{L}mlp.up_proj.bias"), f"{M}mlp.linear_fc1.bias",
+                GATED),
+            Row(f"{L}mlp.down_proj.bias", f"{M}mlp.linear_fc2.bias", REPLICATED),
+        ]
     if moe:  # Mixtral's on-disk names: block_sparse_moe.gate + experts.{e}.w1 (gate) / w3 (up) / w2
         E = f"{L}block_sparse_moe.experts.{{e}}."
         X = f"{M}mlp.experts.local_experts.{{e}}."

@@ -5,6 +5,10 @@
   ``sequence_parallel=True`` so that ``finalize_model_grads`` all-reduces their gradients over TP.
 - ``SDPAttention``: a core attention on ``torch.nn.functional.scaled_dot_product_attention`` (the
   fused/flash path of PyTorch, on CPU and GPU), used for ``FL=true`` when Transformer Engine is absent.
+- ``with_bias(cls)``: a linear (megatron-core's or Transformer Engine's) built with a bias whatever
+  the config says. HF LLaMA's ``attention_bias`` biases Q/K/V and ``o_proj``, ``mlp_bias`` the MLP;
+  megatron-core's ``add_bias_linear`` switches ``linear_proj`` and the MLP together (``add_qkv_bias``
+  covers Q/K/V alone), so a spec gives the biased module only where the HF model has one.
 """
 from __future__ import annotations
 
@@ -101,3 +105,19 @@ class SDPAttention(MegatronModule):
             **({"enable_gqa": True} if gqa else {}))
         # [b, h, s, d] -> [s, b, h*d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+
+
+_BIASED = {}
+
+
+def with_bias(cls):
+    """The subclass of the linear ``cls`` whose constructor always passes ``bias=True`` (one class
+    per ``cls``; ``biased_of`` names it, e.g. for the inference-module swap)."""
+    if cls not in _BIASED:
+        def __init__(self, *args, bias=True, **kwargs):
+            cls.__init__(self, *args, bias=True, **kwargs)
+
+        _BIASED[cls] = type(f"Biased{cls.__name__}", (cls,), {
+            "__init__": __init__, "biased_of": cls, "__module__": __name__,
+            "__doc__": f"{cls.__name__} with a bias whatever config.add_bias_linear says."})
+    return _BIASED[cls]

@@ -20,7 +20,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
-from megatron_patch.models.common.modules import Norm, SDPAttention
+from megatron_patch.models.common.modules import Norm, SDPAttention, with_bias
 
 
 def have_te() -> bool:
@@ -62,6 +62,24 @@ def te_layer_spec(num_experts: Optional[int] = None, qk_layernorm: bool = False)
 
     return get_gpt_layer_with_transformer_engine_spec(
         num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=qk_layernorm)
+
+
+def add_linear_biases(spec: ModuleSpec, proj: bool = False, mlp: bool = False) -> ModuleSpec:
+    """A copy of the layer ``spec`` whose attention output projection (``proj``) and / or MLP
+    linears (``mlp``) carry a bias (``modules.with_bias``)."""
+    if not (proj or mlp):
+        return spec
+    spec = copy.deepcopy(spec)
+    sub = spec.submodules
+    if proj:
+        attn = sub.self_attention.submodules
+        attn.linear_proj = with_bias(attn.linear_proj)
+    if mlp:
+        if not isinstance(sub.mlp, ModuleSpec) or not hasattr(sub.mlp.submodules, "linear_fc1"):
+            raise ValueError("an MLP bias needs a dense MLP spec")
+        m = sub.mlp.submodules
+        m.linear_fc1, m.linear_fc2 = with_bias(m.linear_fc1), with_bias(m.linear_fc2)
+    return spec
 
 
 def block_spec(layer_spec: ModuleSpec, config, vp_stage: Optional[int] = None,

@@ -28,8 +28,11 @@ def _finish(hf: dict, arch: MegatronArch) -> None:
             "high_freq_factor": float(rs.get("high_freq_factor", 4.0)),
             "original_max_position_embeddings": int(rs.get("original_max_position_embeddings", 8192)),
         }
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ValueError("LLaMA with attention_bias/mlp_bias is not supported")
+    if hf.get("attention_bias"):  # Q/K/V and o_proj (the spec biases linear_proj)
+        arch.config["add_qkv_bias"] = True
+        arch.extra["proj_bias"] = True
+    if hf.get("mlp_bias"):  # gate/up/down (the spec biases linear_fc1 and linear_fc2)
+        arch.extra["mlp_bias"] = True
 
 
 TABLE = ConfigTable(
