@@ -288,3 +288,51 @@ def test_llama_linear_biases_match_transformers(tmp_path, bias, inference):
     back = T.AutoModelForCausalLM.from_pretrained(str(tmp_path / "back"), dtype=torch.float32)
     for (n, a), (m, b) in zip(hf.state_dict().items(), back.state_dict().items()):
         assert n == m and torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("window", [
+    dict(max_window_layers=1),  # layer 0 full, layer 1 windowed
+    dict(max_window_layers=0),  # every layer windowed
+    dict(layer_types=["sliding_attention", "full_attention"]),  # transformers 5's explicit list
+])
+@pytest.mark.parametrize("inference", [False, True], ids=["training_modules", "inference_modules"])
+def test_qwen2_sliding_window_matches_transformers(tmp_path, window, inference):
+    """use_sliding_window was refused; megatron-core's window with its per-layer list
+    (window_attn_skip_freq) gives transformers' logits and greedy tokens."""
+    import megatron_patch  # noqa: F401
+    from megatron_patch.convert.engine import hf_to_megatron
+    from megatron_patch.generation import SamplingParams, generate
+    from megatron_patch.generation.loader import load_for_generation
+
+    cfg = _family_cfg("qwen2", use_sliding_window=True, sliding_window=6, **window)
+    hf = build_hf(cfg, str(tmp_path / "hf"))
+    plain = build_hf(_family_cfg("qwen2"), str(tmp_path / "plain"))
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert (ref - plain(ids).logits).abs().max() > 1e-2  # the window changes the model
+    hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "mg"), tp=1, log=_quiet)
+    lm = load_for_generation(str(tmp_path / "mg"), log=_quiet, inference=inference)
+    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids, pos, None)[..., :VOCAB], ref)
+    prompts = [ids[0, :5].tolist(), ids[1, :11].tolist()]
+    out = generate(lm.model, prompts, SamplingParams(max_new_tokens=10, greedy=True),
+                   vocab_size=VOCAB)
+    hf.generation_config.eos_token_id = None
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
+                               pad_token_id=0)[0, len(p):].tolist()
+        assert out.row(i) == want
+
+
+def test_qwen2_window_switched_off_or_malformed():
+    from megatron_patch.convert.engine import family_and_arch
+
+    _, arch = family_and_arch(_family_cfg("qwen2", use_sliding_window=False, sliding_window=6,
+                                          max_window_layers=0))
+    assert "window_size" not in arch.config  # transformers ignores the window then
+    with pytest.raises(Exception, match="layer_types must name"):
+        family_and_arch(_family_cfg("qwen2", use_sliding_window=True, sliding_window=6,
+                                    layer_types=["sliding_attention"]))

@@ -1,8 +1,9 @@
 """Qwen2: HF ``Qwen2Config`` <-> megatron-core settings (LLaMA's plus QKV bias), and size presets.
 
-Qwen2's optional sliding window (``use_sliding_window``, off in every released model) is refused:
-it applies only above ``max_window_layers``, which megatron-core's per-layer window switch cannot
-express from a config field.
+Qwen2's optional sliding window (``use_sliding_window``, off in every released model) applies to
+the layers from ``max_window_layers`` on (or to those ``layer_types`` names ``sliding_attention``):
+megatron-core's ``window_size`` (HF's window W is ``(W - 1, 0)``, as for Mistral) with
+``window_attn_skip_freq`` as its per-layer list (1 = windowed layer).
 """
 from __future__ import annotations
 
@@ -12,15 +13,27 @@ from megatron_patch.models.common.llama_like import finish_llama_like, llama_con
 
 def _finish(hf: dict, arch: MegatronArch) -> None:
     finish_llama_like(hf, arch, "Qwen2")
-    if hf.get("use_sliding_window"):
-        raise ValueError("Qwen2 with use_sliding_window=true is not supported")
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    if not window:
+        return  # transformers: no window on any layer, whatever layer_types says
+    layers = arch.config["num_layers"]
+    types = hf.get("layer_types") or [
+        "sliding_attention" if i >= int(hf["max_window_layers"]) else "full_attention"
+        for i in range(layers)]
+    if len(types) != layers or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise ValueError(f"Qwen2 layer_types must name full_attention or sliding_attention for "
+                         f"each of the {layers} layers, got {types!r}")
+    if "sliding_attention" in types:
+        arch.config["window_size"] = (int(window) - 1, 0)
+        arch.config["window_attn_skip_freq"] = [int(t == "sliding_attention") for t in types]
 
 
 TABLE = ConfigTable("qwen2", fields=llama_fields(1000000.0), consts=llama_consts(qkv_bias=True),
                     finish=_finish,
                     # Qwen2Config's own defaults (num_key_value_heads is 32 whatever the heads)
                     class_defaults={"num_key_value_heads": 32, "rms_norm_eps": 1e-6,
-                                    "rope_theta": 10000.0})
+                                    "rope_theta": 10000.0, "sliding_window": 4096,
+                                    "max_window_layers": 28})
 
 
 def _qwen2(layers, hidden, ffn, heads, kv, vocab=151936, tie=False, max_pos=32768):
