@@ -336,3 +336,27 @@ def test_qwen2_window_switched_off_or_malformed():
     with pytest.raises(Exception, match="layer_types must name"):
         family_and_arch(_family_cfg("qwen2", use_sliding_window=True, sliding_window=6,
                                     layer_types=["sliding_attention"]))
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 3.0},
+                                  {"rope_type": "yarn", "factor": 4.0,
+                                   "original_max_position_embeddings": 8}])
+def test_falcon_rope_scaling_matches_transformers(tmp_path, rope):
+    """Falcon (RoPE, parallel attention, multi-query) refused every rope_scaling."""
+    import megatron_patch  # noqa: F401
+    from megatron_patch.convert.engine import hf_to_megatron
+    from megatron_patch.generation.loader import load_for_generation
+    from tests.workers.convert_cases import CASES
+
+    cfg = dict(CASES["falcon_7b"][0], rope_scaling=rope)
+    hf = build_hf(cfg, str(tmp_path / "hf"))
+    plain = build_hf(CASES["falcon_7b"][0], str(tmp_path / "plain"))
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert (ref - plain(ids).logits).abs().max() > 1e-2
+    hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "mg"), tp=1, log=_quiet)
+    lm = load_for_generation(str(tmp_path / "mg"), log=_quiet)
+    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids, pos, None)[..., :VOCAB], ref)

@@ -4,7 +4,8 @@ KV groups: the new decoder architecture (40B/180B) has ``num_kv_heads`` groups; 
 multi-query (one group, 7B) or multi-head (``multi_query=false``). ``parallel_attn`` selects the
 project's ``ParallelResidualLayer``; with the new architecture it has two norms (``ln_attn``,
 ``ln_mlp``), otherwise one shared ``input_layernorm``. ``alibi=true`` (Falcon-RW) replaces RoPE by
-ALiBi added before the softmax scaling.
+ALiBi added before the softmax scaling. Linear and YaRN rope scaling as for the LLaMA-shaped families
+(``common.llama_like``).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 
 from megatron_patch.models.common.config import (
     Const, ConfigTable, Field, MegatronArch, rope_scaling_of, rope_theta_get, rope_theta_put)
+
+from megatron_patch.models.common.llama_like import linear_rope_factor, take_yarn  # noqa: E402
 
 _ACTS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
@@ -35,8 +38,12 @@ def _finish(hf: dict, arch: MegatronArch) -> None:
     c["activation_func"] = _ACTS[act]
     alibi = bool(hf.get("alibi"))
     m["position_embedding_type"] = "none" if alibi else "rope"
-    if rope_scaling_of(hf) is not None:
-        raise ValueError("Falcon rope scaling is not supported")
+    rs = rope_scaling_of(hf)
+    if rs is not None and not alibi:  # (with ALiBi transformers builds the rotary and never uses it)
+        if rs.get("rope_type", rs.get("type")) == "yarn":
+            take_yarn(hf, rs, arch, "Falcon")
+        else:
+            arch.extra["rope_linear_factor"] = linear_rope_factor(rs, "Falcon", also=" and yarn")
     parallel = bool(hf.get("parallel_attn", True))
     new = bool(hf.get("new_decoder_architecture"))
     n_ln = hf.get("num_ln_in_parallel_attn") or (2 if new else 1)
