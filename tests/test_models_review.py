@@ -42,6 +42,20 @@ def _family_cfg(family, **kw):
     return _llama(**{**extra, **kw})
 
 
+def _greedy_equals_hf(lm, hf, prompts, new):
+    """Greedy tokens of a batch mixing prompt lengths equal transformers' ``generate`` per prompt."""
+    from megatron_patch.generation import SamplingParams, generate
+
+    out = generate(lm.model, prompts, SamplingParams(max_new_tokens=new, greedy=True),
+                   vocab_size=VOCAB)
+    hf.generation_config.eos_token_id = None  # the full length, as generate() without stops
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([p]), max_new_tokens=new, do_sample=False,
+                               pad_token_id=0)[0, len(p):].tolist()
+        assert out.row(i) == want, (p, out.row(i), want)
+
+
 def _quiet(*a):
     pass
 
@@ -222,7 +236,6 @@ def test_yarn_rope_scaling_matches_transformers(tmp_path, family, rope, inferenc
     mixing prompt lengths equals ``generate``."""
     import megatron_patch  # noqa: F401
     from megatron_patch.convert.engine import hf_to_megatron
-    from megatron_patch.generation import SamplingParams, generate
     from megatron_patch.generation.loader import load_for_generation
 
     # MixtralConfig's head_dim None breaks transformers' own YaRN (None * 1.0): give it
@@ -239,14 +252,7 @@ def test_yarn_rope_scaling_matches_transformers(tmp_path, family, rope, inferenc
     with torch.no_grad():
         torch.testing.assert_close(lm.model(ids, pos, None)[..., :VOCAB], ref)
     prompts = [ids[0, :5].tolist(), ids[1, :11].tolist()]
-    out = generate(lm.model, prompts, SamplingParams(max_new_tokens=12, greedy=True),
-                   vocab_size=VOCAB)
-    hf.generation_config.eos_token_id = None  # the full length, as generate() without stops
-    for i, p in enumerate(prompts):
-        with torch.no_grad():
-            want = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False,
-                               pad_token_id=0)[0, len(p):].tolist()
-        assert out.row(i) == want, (p, out.row(i), want)
+    _greedy_equals_hf(lm, hf, prompts, 12)
 
 
 @pytest.mark.parametrize("bias", ["attention_bias", "mlp_bias"])
@@ -256,7 +262,6 @@ def test_llama_linear_biases_match_transformers(tmp_path, bias, inference):
     (megatron-core's add_bias_linear would bias o_proj and the MLP together)."""
     import megatron_patch  # noqa: F401
     from megatron_patch.convert.engine import hf_to_megatron, megatron_to_hf
-    from megatron_patch.generation import SamplingParams, generate
     from megatron_patch.generation.loader import load_for_generation
 
     hf = build_hf(_family_cfg("llama", **{bias: True}), str(tmp_path / "hf"))
@@ -273,14 +278,7 @@ def test_llama_linear_biases_match_transformers(tmp_path, bias, inference):
     with torch.no_grad():
         torch.testing.assert_close(lm.model(ids, pos, None)[..., :VOCAB], ref)
     prompts = [ids[0, :5].tolist(), ids[1, :11].tolist()]
-    out = generate(lm.model, prompts, SamplingParams(max_new_tokens=8, greedy=True),
-                   vocab_size=VOCAB)
-    hf.generation_config.eos_token_id = None
-    for i, p in enumerate(prompts):
-        with torch.no_grad():
-            want_ids = hf.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False,
-                                   pad_token_id=0)[0, len(p):].tolist()
-        assert out.row(i) == want_ids
+    _greedy_equals_hf(lm, hf, prompts, 8)
     # and back: the HF weights round-trip bit for bit
     megatron_to_hf(str(tmp_path / "mg"), str(tmp_path / "back"), log=_quiet)
     import transformers as T
@@ -301,7 +299,6 @@ def test_qwen2_sliding_window_matches_transformers(tmp_path, window, inference):
     (window_attn_skip_freq) gives transformers' logits and greedy tokens."""
     import megatron_patch  # noqa: F401
     from megatron_patch.convert.engine import hf_to_megatron
-    from megatron_patch.generation import SamplingParams, generate
     from megatron_patch.generation.loader import load_for_generation
 
     cfg = _family_cfg("qwen2", use_sliding_window=True, sliding_window=6, **window)
@@ -317,14 +314,7 @@ def test_qwen2_sliding_window_matches_transformers(tmp_path, window, inference):
     with torch.no_grad():
         torch.testing.assert_close(lm.model(ids, pos, None)[..., :VOCAB], ref)
     prompts = [ids[0, :5].tolist(), ids[1, :11].tolist()]
-    out = generate(lm.model, prompts, SamplingParams(max_new_tokens=10, greedy=True),
-                   vocab_size=VOCAB)
-    hf.generation_config.eos_token_id = None
-    for i, p in enumerate(prompts):
-        with torch.no_grad():
-            want = hf.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
-                               pad_token_id=0)[0, len(p):].tolist()
-        assert out.row(i) == want
+    _greedy_equals_hf(lm, hf, prompts, 10)
 
 
 def test_qwen2_window_switched_off_or_malformed():
