@@ -52,8 +52,9 @@ def _seeded_tracker(seed: int):
     before = mr._CUDA_RNG_STATE_TRACKER, mr._CUDA_RNG_STATE_TRACKER_INITIALIZED
     cpu = torch.get_rng_state()
     cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-    try:
-        mr.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+    try:  # Megatron-LM's rule, as engine.seed_all: the seed moves with the pipeline rank
+        mr.model_parallel_cuda_manual_seed(seed + 100 * ps.get_pipeline_model_parallel_rank(),
+                                           force_reset_rng=True)
         return mr._CUDA_RNG_STATE_TRACKER
     finally:
         mr._CUDA_RNG_STATE_TRACKER, mr._CUDA_RNG_STATE_TRACKER_INITIALIZED = before
