@@ -56,6 +56,28 @@ def _greedy_equals_hf(lm, hf, prompts, new):
         assert out.row(i) == want, (p, out.row(i), want)
 
 
+def _changed_model_converts_exactly(tmp_path, cfg, plain_cfg, inference=True):
+    """The HF model of ``cfg`` differs from that of ``plain_cfg`` (same seed, same weights: the
+    setting under test changes the model), and its converted megatron model gives its logits.
+    Returns (loaded megatron model, HF model, the test ids [2, 24])."""
+    import megatron_patch  # noqa: F401
+    from megatron_patch.convert.engine import hf_to_megatron
+    from megatron_patch.generation.loader import load_for_generation
+
+    hf = build_hf(cfg, str(tmp_path / "hf"))
+    plain = build_hf(plain_cfg, str(tmp_path / "plain"))
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert (ref - plain(ids).logits).abs().max() > 1e-2  # the setting changes the model
+    hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "mg"), tp=1, log=_quiet)
+    lm = load_for_generation(str(tmp_path / "mg"), log=_quiet, inference=inference)
+    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids, pos, None)[..., :VOCAB], ref)
+    return lm, hf, ids
+
+
 def _quiet(*a):
     pass
 
@@ -178,22 +200,9 @@ def test_hand_written_mistral_keeps_its_default_window():
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "mixtral", "glm"])
 def test_linear_rope_scaling_matches_transformers(tmp_path, family):
-    import megatron_patch  # noqa: F401
-    from megatron_patch.convert.engine import hf_to_megatron
-    from megatron_patch.generation.loader import load_for_generation
-
     scaling = {"rope_type": "linear", "factor": 3.0}
-    hf = build_hf(_family_cfg(family, rope_scaling=scaling), str(tmp_path / "hf"))
-    plain = build_hf(_family_cfg(family), str(tmp_path / "plain"))  # same seed: same weights
-    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = hf(ids).logits
-        assert (ref - plain(ids).logits).abs().max() > 1e-2  # the scaling changes the model
-    hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "mg"), tp=1, log=_quiet)
-    lm = load_for_generation(str(tmp_path / "mg"), log=_quiet, inference=family != "mixtral")
-    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
-    with torch.no_grad():
-        torch.testing.assert_close(lm.model(ids, pos, None)[..., :VOCAB], ref)
+    _changed_model_converts_exactly(tmp_path, _family_cfg(family, rope_scaling=scaling),
+                                    _family_cfg(family), inference=family != "mixtral")
 
 
 @pytest.mark.parametrize("scaling,expected", [
@@ -234,25 +243,11 @@ def test_yarn_rope_scaling_matches_transformers(tmp_path, family, rope, inferenc
     """YaRN (Qwen2.5's long-context setting) as megatron-core's YarnRotaryEmbedding: the logits equal
     transformers' (whose attention factor scales cos and sin), and greedy generation of a batch
     mixing prompt lengths equals ``generate``."""
-    import megatron_patch  # noqa: F401
-    from megatron_patch.convert.engine import hf_to_megatron
-    from megatron_patch.generation.loader import load_for_generation
-
     # MixtralConfig's head_dim None breaks transformers' own YaRN (None * 1.0): give it
     kw = {"head_dim": 16} if family == "mixtral" else {}
-    hf = build_hf(_family_cfg(family, rope_scaling=rope, **kw), str(tmp_path / "hf"))
-    plain = build_hf(_family_cfg(family), str(tmp_path / "plain"))
-    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = hf(ids).logits
-        assert (ref - plain(ids).logits).abs().max() > 1e-2  # the scaling changes the model
-    hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "mg"), tp=1, log=_quiet)
-    lm = load_for_generation(str(tmp_path / "mg"), log=_quiet, inference=inference)
-    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
-    with torch.no_grad():
-        torch.testing.assert_close(lm.model(ids, pos, None)[..., :VOCAB], ref)
-    prompts = [ids[0, :5].tolist(), ids[1, :11].tolist()]
-    _greedy_equals_hf(lm, hf, prompts, 12)
+    lm, hf, ids = _changed_model_converts_exactly(
+        tmp_path, _family_cfg(family, rope_scaling=rope, **kw), _family_cfg(family), inference)
+    _greedy_equals_hf(lm, hf, [ids[0, :5].tolist(), ids[1, :11].tolist()], 12)
 
 
 @pytest.mark.parametrize("bias", ["attention_bias", "mlp_bias"])
@@ -297,24 +292,9 @@ def test_llama_linear_biases_match_transformers(tmp_path, bias, inference):
 def test_qwen2_sliding_window_matches_transformers(tmp_path, window, inference):
     """use_sliding_window was refused; megatron-core's window with its per-layer list
     (window_attn_skip_freq) gives transformers' logits and greedy tokens."""
-    import megatron_patch  # noqa: F401
-    from megatron_patch.convert.engine import hf_to_megatron
-    from megatron_patch.generation.loader import load_for_generation
-
     cfg = _family_cfg("qwen2", use_sliding_window=True, sliding_window=6, **window)
-    hf = build_hf(cfg, str(tmp_path / "hf"))
-    plain = build_hf(_family_cfg("qwen2"), str(tmp_path / "plain"))
-    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = hf(ids).logits
-        assert (ref - plain(ids).logits).abs().max() > 1e-2  # the window changes the model
-    hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "mg"), tp=1, log=_quiet)
-    lm = load_for_generation(str(tmp_path / "mg"), log=_quiet, inference=inference)
-    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
-    with torch.no_grad():
-        torch.testing.assert_close(lm.model(ids, pos, None)[..., :VOCAB], ref)
-    prompts = [ids[0, :5].tolist(), ids[1, :11].tolist()]
-    _greedy_equals_hf(lm, hf, prompts, 10)
+    lm, hf, ids = _changed_model_converts_exactly(tmp_path, cfg, _family_cfg("qwen2"), inference)
+    _greedy_equals_hf(lm, hf, [ids[0, :5].tolist(), ids[1, :11].tolist()], 10)
 
 
 def test_qwen2_window_switched_off_or_malformed():
@@ -333,20 +313,7 @@ def test_qwen2_window_switched_off_or_malformed():
                                    "original_max_position_embeddings": 8}])
 def test_falcon_rope_scaling_matches_transformers(tmp_path, rope):
     """Falcon (RoPE, parallel attention, multi-query) refused every rope_scaling."""
-    import megatron_patch  # noqa: F401
-    from megatron_patch.convert.engine import hf_to_megatron
-    from megatron_patch.generation.loader import load_for_generation
     from tests.workers.convert_cases import CASES
 
-    cfg = dict(CASES["falcon_7b"][0], rope_scaling=rope)
-    hf = build_hf(cfg, str(tmp_path / "hf"))
-    plain = build_hf(CASES["falcon_7b"][0], str(tmp_path / "plain"))
-    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = hf(ids).logits
-        assert (ref - plain(ids).logits).abs().max() > 1e-2
-    hf_to_megatron(str(tmp_path / "hf"), str(tmp_path / "mg"), tp=1, log=_quiet)
-    lm = load_for_generation(str(tmp_path / "mg"), log=_quiet)
-    pos = torch.arange(ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
-    with torch.no_grad():
-        torch.testing.assert_close(lm.model(ids, pos, None)[..., :VOCAB], ref)
+    plain = CASES["falcon_7b"][0]
+    _changed_model_converts_exactly(tmp_path, dict(plain, rope_scaling=rope), plain)

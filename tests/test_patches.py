@@ -125,7 +125,6 @@ def test_dataset_index_cache_is_complete_or_absent(tmp_path, monkeypatch):
     import types
 
     import numpy as np
-    import pytest
     import torch
 
     import megatron_patch  # noqa: F401
@@ -185,11 +184,12 @@ def test_dataset_index_cache_is_complete_or_absent(tmp_path, monkeypatch):
     print(f"without the patch the rebuild fails: {e.value!r}")
 
 
-def test_rng_tracker_states_are_seeded_per_rank_on_cpu():
+def test_rng_tracker_states_are_seeded_per_rank():
     """megatron-core seeds its tracked RNG streams with ``torch.cuda.manual_seed`` (the
     model-parallel stream: seed + 2718 + TP rank, used by the attention dropout in TP regions). The
     CPU patch made that a no-op, so every stream was a copy of the CPU generator's state at seeding
-    time: the same on every TP rank and the same numbers as the default stream."""
+    time: the same on every TP rank and the same numbers as the default stream. On a GPU the same
+    checks hold for the CUDA generator (no patch there)."""
     import torch
 
     import megatron_patch  # noqa: F401
@@ -197,26 +197,26 @@ def test_rng_tracker_states_are_seeded_per_rank_on_cpu():
 
     from megatron_patch import platform
 
-    if platform.use_cuda():
-        pytest.skip("the real CUDA generator: megatron-core's own behaviour")
-    saved = torch.get_rng_state()
+    device = "cuda" if platform.use_cuda() else "cpu"  # the generator the tracker drives
+
+    def seeded(seed):  # a generator of that device seeded with ``seed``, as a state
+        return torch.Generator(device=device).manual_seed(seed).get_state()
+
+    saved = torch.cuda.get_rng_state()  # (the CPU generator's on the CPU platform)
     tracker_before = mr._CUDA_RNG_STATE_TRACKER, mr._CUDA_RNG_STATE_TRACKER_INITIALIZED
     try:
         states = {}
         for tp_rank in (0, 1):
-            torch.manual_seed(99)  # whatever the CPU generator holds
+            torch.cuda.set_rng_state(seeded(99))  # whatever the generator holds
             mr.model_parallel_cuda_manual_seed(7, tp_rank=tp_rank, ep_rank=0, etp_rank=0,
                                                force_reset_rng=True)
             states[tp_rank] = mr.get_cuda_rng_tracker().get_states()
-            after = torch.get_rng_state()
-            # the data-parallel (default) stream is seeded with the seed itself, as on a GPU
-            assert torch.equal(after, torch.Generator().manual_seed(7).get_state())
+            # the data-parallel (default) stream is seeded with the seed itself
+            assert torch.equal(torch.cuda.get_rng_state(), seeded(7))
         for tp_rank in (0, 1):
-            want = torch.Generator().manual_seed(7 + 2718 + tp_rank).get_state()
-            assert torch.equal(states[tp_rank]["model-parallel-rng"], want)
-            assert torch.equal(states[tp_rank]["data-parallel-rng"],
-                               torch.Generator().manual_seed(7).get_state())
+            assert torch.equal(states[tp_rank]["model-parallel-rng"], seeded(7 + 2718 + tp_rank))
+            assert torch.equal(states[tp_rank]["data-parallel-rng"], seeded(7))
         assert not torch.equal(states[0]["model-parallel-rng"], states[1]["model-parallel-rng"])
     finally:
         mr._CUDA_RNG_STATE_TRACKER, mr._CUDA_RNG_STATE_TRACKER_INITIALIZED = tracker_before
-        torch.set_rng_state(saved)
+        torch.cuda.set_rng_state(saved)
