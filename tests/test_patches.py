@@ -220,3 +220,121 @@ def test_rng_tracker_states_are_seeded_per_rank():
     finally:
         mr._CUDA_RNG_STATE_TRACKER, mr._CUDA_RNG_STATE_TRACKER_INITIALIZED = tracker_before
         torch.cuda.set_rng_state(saved)
+
+@pytest.mark.parametrize("family", ["llama", "bloom", "qwen2", "mixtral"])
+def test_tp_fast_paths_give_megatron_cores_numbers(family):
+    """``tp.native_linear`` and ``tp.one_rank_mappings`` (speed: C++ autograd nodes instead of
+    megatron-core's Python ones) must not change a bit: a TP=1 model's logits and every parameter's
+    gradient equal what megatron-core's own linear autograd function and mappings give, on the
+    families with and without linear biases (Bloom: all of them, Qwen2: QKV) and with MoE experts."""
+    import torch
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import layers, model_parallel_cuda_manual_seed
+
+    import megatron_patch  # noqa: F401
+    from megatron_patch import patches, platform
+    from megatron_patch.models import builder
+    from megatron_patch.models.registry import get_family
+
+    names = ("linear_with_grad_accumulation_and_async_allreduce",
+             "copy_to_tensor_model_parallel_region", "reduce_from_tensor_model_parallel_region")
+    status = {p.name: p.status for p in patches.REGISTRY}
+    assert status["tp.native_linear"] == status["tp.one_rank_mappings"] == "applied"
+    patched = {n: getattr(layers, n) for n in names}
+    assert all(getattr(f, "__wrapped__", None) is not None for f in patched.values())
+
+    platform.init_process_group()
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(1, 1)
+    arch = builder.arch_from_hf(get_family(family).preset("tiny"))
+    model_parallel_cuda_manual_seed(5)
+    torch.manual_seed(5)
+    model = builder.build_gpt_model(arch, builder.transformer_config(arch), use_te=False)
+    with torch.no_grad():  # non-zero biases (megatron-core initialises them to zero)
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    ids = torch.randint(0, model.vocab_size, (3, 11), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(11).expand(3, 11)
+    weights = torch.randn(3, 11, model.vocab_size, generator=torch.Generator().manual_seed(2))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        logits = model(ids, pos, attention_mask=None)
+        (logits * weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return logits.detach(), grads
+
+    fast = run()
+    nodes = _python_autograd_nodes(model, ids, pos)
+    try:
+        for n in names:
+            setattr(layers, n, patched[n].__wrapped__)
+        slow = run()
+        slow_nodes = _python_autograd_nodes(model, ids, pos)
+    finally:
+        for n in names:
+            setattr(layers, n, patched[n])
+    assert torch.equal(fast[0], slow[0])
+    assert fast[1].keys() == slow[1].keys() and len(fast[1]) == len(list(model.parameters()))
+    for n in fast[1]:
+        assert torch.equal(fast[1][n], slow[1][n]), n
+    # the point of the patches: megatron-core's Python nodes for linears and mappings are gone
+    assert slow_nodes > 0 and nodes == 0, (nodes, slow_nodes)
+
+
+def _python_autograd_nodes(model, ids, pos) -> int:
+    """How many nodes of the logits' autograd graph are megatron-core linear/mapping Functions."""
+    seen, stack, count = set(), [model(ids, pos, attention_mask=None).grad_fn], 0
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        kind = type(fn).__name__
+        count += kind.startswith(("LinearWithGradAccumulation", "_CopyToModelParallel",
+                                  "_ReduceFromModelParallel"))
+        stack.extend(f for f, _ in fn.next_functions)
+    return count
+
+
+def test_cuda_type_names_only_inside_the_wrapped_optimizer_functions():
+    """``typenames.optimizer``: megatron-core's dtype checks see 'torch.cuda.FloatTensor' for CPU
+    tensors inside the three wrapped functions only (not before, after, in a nested call's caller
+    after it returns, or on another thread), and the checks still reject a float64 gradient."""
+    import threading
+
+    import torch
+
+    import megatron_patch  # noqa: F401
+    from megatron.core.optimizer import optimizer
+
+    from megatron_patch.patches import cpu
+
+    seen = {}
+
+    def inner():
+        seen["inner"] = torch.ones(1).type()
+
+    def outer():
+        cpu._with_cuda_type_names(inner)()
+        seen["outer"] = torch.ones(1, dtype=torch.bfloat16).type()
+        t = threading.Thread(target=lambda: seen.setdefault("thread", torch.ones(1).type()))
+        t.start()
+        t.join()
+        seen["converted"] = torch.ones(1).type(torch.float64).dtype
+
+    cpu._with_cuda_type_names(outer)()
+    assert seen == {"inner": "torch.cuda.FloatTensor", "outer": "torch.cuda.BFloat16Tensor",
+                    "thread": "torch.FloatTensor", "converted": torch.float64}
+    assert torch.ones(1).type() == "torch.FloatTensor"
+    good = torch.nn.Parameter(torch.ones(3))
+    good.grad = torch.full((3,), 2.0)
+    optimizer.clip_grad_by_total_norm_fp32([good], max_norm=1.0, total_norm=4.0)
+    assert torch.allclose(good.grad, torch.full((3,), 0.5))  # scaled by 1 / 4
+    bad = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    bad.grad = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(AssertionError):
+        optimizer.clip_grad_by_total_norm_fp32([bad], max_norm=1.0, total_norm=0.5)
+    assert torch.ones(1).type() == "torch.FloatTensor"  # reset after the raise too

@@ -11,10 +11,10 @@ import contextlib
 import functools
 import importlib
 import logging
+import threading
 import types
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 from megatron_patch.patches import register
 
@@ -239,43 +239,112 @@ def _shim_cuda_factories():
         mod.torch = proxy
 
 
-class _CudaTypeNames(TorchFunctionMode):
-    """Makes the no-argument ``Tensor.type()`` answer 'torch.cuda.*Tensor' for CPU tensors."""
+_TYPE_NAMES = threading.local()  # .cuda: inside a wrapped function on this thread
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            name = func(*args)
-            if name.startswith("torch.") and not name.startswith("torch.cuda."):
-                return "torch.cuda." + name[len("torch."):]
-            return name
-        return func(*args, **kwargs)
+
+def _tensor_type_with_cuda_names(tensor_type):
+    """``Tensor.type`` whose no-argument form answers 'torch.cuda.*Tensor' for CPU tensors while
+    the calling thread is inside a ``_with_cuda_type_names`` function (everything else, and other
+    threads, get torch's answer). A flag instead of a ``TorchFunctionMode``: a mode runs Python for
+    every torch call in its scope (~200 us for the 15 parameters of a tiny model's
+    ``clip_grad_by_total_norm_fp32``, once per training step), the flag only for ``.type()``."""
+
+    @functools.wraps(tensor_type)
+    def type_(self, *args, **kwargs):
+        if args or kwargs or not getattr(_TYPE_NAMES, "cuda", False):
+            return tensor_type(self, *args, **kwargs)
+        name = tensor_type(self)
+        if name.startswith("torch.") and not name.startswith("torch.cuda."):
+            return "torch.cuda." + name[len("torch."):]
+        return name
+
+    type_.__megatron_patch_wrapped__ = True
+    return type_
 
 
 def _with_cuda_type_names(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with _CudaTypeNames():
+        outer = getattr(_TYPE_NAMES, "cuda", False)
+        _TYPE_NAMES.cuda = True
+        try:
             return fn(*args, **kwargs)
+        finally:
+            _TYPE_NAMES.cuda = outer
 
     wrapper.__megatron_patch_wrapped__ = True
     return wrapper
 
 
 @register("typenames.optimizer",
-          "clip_grad_by_total_norm_fp32, Float16OptimizerWithFloat16Params.__init__, "
+          "torch.Tensor.type within clip_grad_by_total_norm_fp32, "
+          "Float16OptimizerWithFloat16Params.__init__, "
           "DistributedOptimizer._build_model_and_main_param_groups",
           "dtype checks compare Tensor.type() with 'torch.cuda.FloatTensor' strings",
           stage="megatron", when="cpu")
 def _typenames_optimizer():
     from megatron.core.optimizer import distrib_optimizer, optimizer
 
+    if not getattr(torch.Tensor.type, "__megatron_patch_wrapped__", False):
+        torch.Tensor.type = _tensor_type_with_cuda_names(torch.Tensor.type)
     optimizer.clip_grad_by_total_norm_fp32 = _with_cuda_type_names(optimizer.clip_grad_by_total_norm_fp32)
     cls = optimizer.Float16OptimizerWithFloat16Params
     cls.__init__ = _with_cuda_type_names(cls.__init__)
     do = distrib_optimizer.DistributedOptimizer
     do._build_model_and_main_param_groups = staticmethod(
         _with_cuda_type_names(do._build_model_and_main_param_groups))
+
+
+@register("tp.native_linear",
+          "megatron.core.tensor_parallel.layers.linear_with_grad_accumulation_and_async_allreduce",
+          "speed: without an input-gradient all-reduce, sequence parallelism, gradient-accumulation "
+          "fusion or deferred weight gradients, megatron-core's linear autograd function is "
+          "matmul (+ bias) with a Python backward; torch's own matmul gives the same gradients "
+          "from C++ nodes (every RowParallelLinear, and ColumnParallelLinear at TP = 1)",
+          stage="megatron", when="cpu")
+def _tp_native_linear():
+    from megatron.core.tensor_parallel import layers
+
+    original = layers.linear_with_grad_accumulation_and_async_allreduce
+
+    @functools.wraps(original)
+    def linear(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad,
+               sequence_parallel, grad_output_buffer=None, wgrad_deferral_limit=0,
+               async_grad_allreduce=None, tp_group=None):
+        if (allreduce_dgrad or sequence_parallel or gradient_accumulation_fusion
+                or grad_output_buffer is not None or async_grad_allreduce is not None):
+            return original(input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad,
+                            sequence_parallel, grad_output_buffer, wgrad_deferral_limit,
+                            async_grad_allreduce, tp_group)
+        # megatron-core's forward, operation for operation; its backward's products
+        # (grad_output @ weight, grad_output^T @ input, grad_output summed over tokens) are
+        # what autograd computes for these two operations
+        output = torch.matmul(input, weight.t())
+        return output + bias if bias is not None else output
+
+    layers.linear_with_grad_accumulation_and_async_allreduce = linear
+
+
+@register("tp.one_rank_mappings",
+          "megatron.core.tensor_parallel.layers.copy_to_/reduce_from_tensor_model_parallel_region",
+          "speed: on a tensor-parallel group of one rank both are identities forward and "
+          "backward, yet each adds a Python autograd node (two per linear layer pair)",
+          stage="megatron", when="cpu")
+def _tp_one_rank_mappings():
+    from megatron.core.tensor_parallel import layers
+
+    def one_rank(fn):
+        @functools.wraps(fn)
+        def mapping(input_, group=None):
+            if group is not None and group.size() == 1:
+                return input_
+            return fn(input_, group=group)
+
+        return mapping
+
+    layers.copy_to_tensor_model_parallel_region = one_rank(layers.copy_to_tensor_model_parallel_region)
+    layers.reduce_from_tensor_model_parallel_region = one_rank(
+        layers.reduce_from_tensor_model_parallel_region)
 
 
 @register("moe.dtoh_as_numpy", "megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu",
