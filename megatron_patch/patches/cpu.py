@@ -3,7 +3,9 @@
 torch-level patches replace ``torch.cuda.*`` functions that can only raise on a CPU-only process, so
 they cannot break code that works today. megatron-level patches are narrow: a module-local ``torch``
 proxy for modules that build tensors with ``device="cuda"``, CPU RNG state for the RNG tracker, and
-CUDA type names inside three dtype checks. See docs/cpu_platform.md for the evidence behind each.
+CUDA type names inside three dtype checks. A few patches are for speed only and change no number
+(one-rank collectives, megatron-core's linear and TP mappings where they communicate nothing, the
+async checkpoint writer's queue). See docs/cpu_platform.md for the evidence behind each.
 """
 from __future__ import annotations
 
