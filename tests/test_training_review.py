@@ -290,3 +290,58 @@ def test_sft_cut_names_pad_len_when_it_is_the_limit(tmp_path):
                       "--global-batch-size", "1", "--num-layers", "1", "--hidden-size", "16",
                       "--num-attention-heads", "2"])
     assert "within --pad-len 8 (below --seq-length 64)" in line, line
+
+
+def test_torch_dist_rng_restore_across_a_data_parallel_change(tmp_path, capsys):
+    """A torch_dist checkpoint keeps one RNG file per global rank. Resumed with more data-parallel
+    ranks, a new rank number used to find no file and silently kept its fresh seed. It now takes
+    the state saved at the same TP and PP ranks (data-parallel ranks share every stream but the
+    expert-parallel one, which stays its own), and says so when no saved rank had its TP/PP ranks."""
+    import torch
+    from megatron.core.tensor_parallel import random as mr
+
+    import megatron_patch  # noqa: F401
+    from megatron_patch.convert import layout
+    from megatron_patch.training import checkpointing as C
+
+    expert = mr.get_expert_parallel_rng_tracker_name()
+    saved_cpu = torch.get_rng_state()
+    tracker_before = mr._CUDA_RNG_STATE_TRACKER, mr._CUDA_RNG_STATE_TRACKER_INITIALIZED
+    try:
+        d = tmp_path / "iter_0000002"
+        (d / "rng").mkdir(parents=True)
+        mr.model_parallel_cuda_manual_seed(7, tp_rank=0, ep_rank=0, etp_rank=0, force_reset_rng=True)
+        torch.rand(5)
+        with mr.get_cuda_rng_tracker().fork():
+            torch.rand(3)  # the model-parallel stream moved on before the save
+        saved = C.rng_state()
+        layout.atomic_torch_save(saved, str(d / "rng" / "rank_00000_tp0_pp0.pt"))
+
+        # rank 1 of the resumed run (data-parallel rank 1, expert-parallel rank 1)
+        mr.model_parallel_cuda_manual_seed(7, tp_rank=0, ep_rank=1, etp_rank=0, force_reset_rng=True)
+        own_expert = mr.get_cuda_rng_tracker().get_states()[expert].clone()
+        used = C._restore_rng(str(d), rank=1, tp_rank=0, pp_rank=0, dp_rank=1)
+        assert used == str(d / "rng" / "rank_00000_tp0_pp0.pt")
+        now = mr.get_cuda_rng_tracker().get_states()
+        assert torch.equal(now["model-parallel-rng"], saved["tracker"]["model-parallel-rng"])
+        assert torch.equal(now["data-parallel-rng"], saved["tracker"]["data-parallel-rng"])
+        assert torch.equal(torch.get_rng_state(), saved["torch"])
+        assert torch.equal(now[expert], own_expert)
+        assert not torch.equal(own_expert, saved["tracker"][expert])
+
+        # its own file wins over rank 0's
+        layout.atomic_torch_save(C.rng_state(), str(d / "rng" / "rank_00001_tp0_pp0.pt"))
+        assert C._rng_file(str(d), 1, 0, 0).endswith("rank_00001_tp0_pp0.pt")
+        # no saved rank at TP rank 1: a message (once per TP/PP pair), the seed stays
+        capsys.readouterr()
+        assert C._restore_rng(str(d), rank=3, tp_rank=1, pp_rank=0, dp_rank=0) is None
+        assert "no RNG state for TP rank 1, PP rank 0" in capsys.readouterr().out
+        assert C._restore_rng(str(d), rank=5, tp_rank=1, pp_rank=0, dp_rank=1) is None
+        assert capsys.readouterr().out == ""
+        # a checkpoint without RNG files (converted from HF): nothing to say
+        (tmp_path / "converted").mkdir()
+        assert C._restore_rng(str(tmp_path / "converted"), 0, 0, 0, 0) is None
+        assert capsys.readouterr().out == ""
+    finally:
+        mr._CUDA_RNG_STATE_TRACKER, mr._CUDA_RNG_STATE_TRACKER_INITIALIZED = tracker_before
+        torch.set_rng_state(saved_cpu)

@@ -182,6 +182,44 @@ def save_checkpoint(root: str, iteration: int, model: List[torch.nn.Module], opt
     _finalize(root, partial, final, iteration)
 
 
+def _rng_file(d: str, rank: int, tp_rank: int, pp_rank: int) -> Optional[str]:
+    """The RNG state file of global rank ``rank`` in the torch_dist checkpoint folder ``d``: its
+    own, or, when the data-parallel size changed since the save (another rank number at the same
+    TP and PP ranks), the first saved rank's at the same TP and PP ranks: megatron-core seeds every
+    stream by TP and PP rank only, so data-parallel ranks hold the same states. None when no saved
+    rank had these TP and PP ranks."""
+    folder = os.path.join(d, "rng")
+    own = os.path.join(folder, f"rank_{rank:05d}_tp{tp_rank}_pp{pp_rank}.pt")
+    if os.path.isfile(own):
+        return own
+    suffix = f"_tp{tp_rank}_pp{pp_rank}.pt"
+    same = sorted(f for f in os.listdir(folder)
+                  if f.startswith("rank_") and f.endswith(suffix)) if os.path.isdir(folder) else []
+    return os.path.join(folder, same[0]) if same else None
+
+
+def _restore_rng(d: str, rank: int, tp_rank: int, pp_rank: int, dp_rank: int) -> Optional[str]:
+    """Set this rank's RNG state from the torch_dist checkpoint folder ``d`` (``_rng_file``);
+    from another rank's file, this rank's expert-parallel stream stays as seeded (by its
+    expert-parallel rank, which data-parallel ranks differ in). Returns the file used, or None
+    (with a message when the checkpoint holds RNG states, but none for these TP and PP ranks)."""
+    rng_file = _rng_file(d, rank, tp_rank, pp_rank)
+    if rng_file is None:
+        if os.path.isdir(os.path.join(d, "rng")) and dp_rank == 0:
+            print(f"> {d} holds no RNG state for TP rank {tp_rank}, PP rank {pp_rank} (saved at "
+                  "another parallel layout): the RNG streams of these ranks start from the seed",
+                  flush=True)
+        return None
+    state = layout.safe_load(rng_file)
+    if not os.path.basename(rng_file).startswith(f"rank_{rank:05d}_"):
+        name = tensor_parallel.random.get_expert_parallel_rng_tracker_name()
+        mine = tensor_parallel.get_cuda_rng_tracker().get_states()
+        if name in mine and name in state["tracker"]:
+            state["tracker"][name] = mine[name]
+    set_rng_state(state)
+    return rng_file
+
+
 def _merge_chunks(sharded: dict, n: int) -> dict:
     merged = {}
     for i in range(n):
@@ -307,9 +345,8 @@ def load_checkpoint(root: str, model: List[torch.nn.Module], optimizer, schedule
             optimizer.load_state_dict(loaded["optimizer"])
         elif optimizer is not None:
             optimizer.reload_model_params()
-        rng_file = os.path.join(d, "rng", f"rank_{dist.get_rank():05d}_tp{tp_rank}_pp{pp_rank}.pt")
-        if load_rng and os.path.isfile(rng_file):
-            set_rng_state(layout.safe_load(rng_file))
+        if load_rng:
+            _restore_rng(d, dist.get_rank(), tp_rank, pp_rank, dp_rank)
         common = {k: v for k, v in loaded.items() if not k.startswith("model") and k != "optimizer"}
     if scheduler is not None and load_optim and common.get("opt_param_scheduler"):
         scheduler.load_state_dict(common["opt_param_scheduler"])
