@@ -345,3 +345,52 @@ def test_torch_dist_rng_restore_across_a_data_parallel_change(tmp_path, capsys):
     finally:
         mr._CUDA_RNG_STATE_TRACKER, mr._CUDA_RNG_STATE_TRACKER_INITIALIZED = tracker_before
         torch.set_rng_state(saved_cpu)
+
+
+TIMEOUT_WORKER = r"""
+import torch
+from megatron.core import parallel_state as ps
+
+import megatron_patch  # noqa: F401
+from megatron_patch.rlhf.layouts import Layouts
+from megatron_patch.training import engine
+from megatron_patch.training.arguments import build_parser
+
+
+def minutes(group):
+    return int(group._get_backend(torch.device("cpu")).options._timeout.total_seconds() // 60)
+
+
+args = build_parser().parse_args(["--seq-length", "8", "--micro-batch-size", "1",
+                                  "--train-iters", "1", "--mock-data",
+                                  "--distributed-timeout-minutes", "7"])
+engine.initialize(args)
+seen = [minutes(torch.distributed.distributed_c10d._get_default_group()),
+        minutes(ps.get_tensor_model_parallel_group()), minutes(ps.get_data_parallel_group()),
+        minutes(ps.get_pipeline_model_parallel_group())]
+layouts = Layouts("first", timeout_minutes=9)  # an RLHF role's second layout
+layouts.add(Layouts.key(1, 1))
+with layouts.use(Layouts.key(1, 1)):
+    seen.append(minutes(ps.get_tensor_model_parallel_group()))
+print("TIMEOUTS", seen)
+"""
+
+
+def test_distributed_timeout_minutes_reaches_every_process_group(tmp_path):
+    """``--distributed-timeout-minutes`` (Megatron-LM's flag; ours defaults to 30): the world's
+    group, megatron-core's TP/DP/PP groups and the RLHF layouts' groups time out after it; a
+    non-positive value is an argparse error."""
+    import subprocess
+    import sys
+
+    from megatron_patch.training.arguments import build_parser
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(TIMEOUT_WORKER)
+    r = subprocess.run([sys.executable, str(worker)], capture_output=True, text=True, timeout=300,
+                       env=_env(MEGATRON_PATCH_DEVICE="cpu"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "TIMEOUTS [7, 7, 7, 7, 9]" in r.stdout, r.stdout
+    assert build_parser().parse_args(["--seq-length", "8"]).distributed_timeout_minutes == 30
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--seq-length", "8", "--distributed-timeout-minutes", "0"])

@@ -66,13 +66,16 @@ def _seeded_tracker(seed: int):
 class Layouts:
     """The layouts of a job. The layout active when it is created (the engine initialised it and
     seeded megatron-core's RNG tracker with ``seed``) is registered under ``first_key``; with a
-    ``seed``, every added layout gets an RNG tracker of its own."""
+    ``seed``, every added layout gets an RNG tracker of its own. ``timeout_minutes``: that of the
+    added layouts' process groups (``--distributed-timeout-minutes``)."""
 
-    def __init__(self, first_key: Hashable, seed: Optional[int] = None):
+    def __init__(self, first_key: Hashable, seed: Optional[int] = None,
+                 timeout_minutes: int = 30):
         if not ps.model_parallel_is_initialized():
             raise RuntimeError("initialise megatron-core's parallel state first")
         self._states = {first_key: _snapshot()}
         self._seed = seed
+        self._timeout_minutes = timeout_minutes
         self._trackers = {first_key: mr._CUDA_RNG_STATE_TRACKER}
         self._active = first_key
 
@@ -96,7 +99,8 @@ class Layouts:
             ps.initialize_model_parallel(tensor_model_parallel_size=tp,
                                          pipeline_model_parallel_size=pp,
                                          virtual_pipeline_model_parallel_size=vpp,
-                                         expert_model_parallel_size=ep)
+                                         expert_model_parallel_size=ep,
+                                         distributed_timeout_minutes=self._timeout_minutes)
             self._states[key] = _snapshot()
             # without a seed: the layouts share the installed tracker (as before)
             self._trackers[key] = (mr._CUDA_RNG_STATE_TRACKER if self._seed is None else

@@ -520,7 +520,8 @@ class RLHFTrainer:
         check_config(cfg)
         if reward_args is None and not cfg.reward_function:
             raise ArgumentError("give a reward model or a reward_function (module:function)")
-        platform.init_process_group()
+        timeout = getattr(policy_args, "distributed_timeout_minutes", 30)
+        platform.init_process_group(timeout)
         world = dist.get_world_size()
         check_layouts({"policy": policy_args, "generation": generation_args,
                        "reference": reference_args, "reward": reward_args, "value": value_args,
@@ -537,7 +538,8 @@ class RLHFTrainer:
         init_args = argparse.Namespace(**vars(policy_args))  # the schedule is the trainer's
         init_args.train_iters, init_args.train_tokens, init_args.epochs = steps, None, None
         engine.initialize(init_args)
-        self.layouts = Layouts(layout_key(init_args), seed=init_args.seed)
+        self.layouts = Layouts(layout_key(init_args), seed=init_args.seed,
+                               timeout_minutes=timeout)
         self.tokenizer, original = load_tokenizer(policy_args, arch)
         self.eos = self.tokenizer.eos
         self.pad = self.tokenizer.pad

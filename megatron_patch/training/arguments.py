@@ -23,6 +23,13 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
+def _positive_int(s: str) -> int:
+    value = int(s)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model-family", default="llama", help="llama, qwen2, mistral, bloom, ...")
@@ -58,6 +65,10 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true")
     g.add_argument("--overlap-param-gather", action="store_true")
+    g.add_argument("--distributed-timeout-minutes", type=_positive_int, default=30,
+                   help="timeout of torch.distributed's collectives and of megatron-core's "
+                        "process groups (default 30; raise it where a rank may wait long on the "
+                        "others, e.g. while a large checkpoint loads)")
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:

@@ -46,7 +46,7 @@ def initialize(args) -> None:
     """torch.distributed + megatron parallel state + seeds (Megatron-LM's seeding rule). Call it after
     ``resolve_arch``, which turns --num-layers-per-virtual-pipeline-stage into the number of virtual
     stages that the parallel state must know before any model chunk is built."""
-    platform.init_process_group()
+    platform.init_process_group(args.distributed_timeout_minutes)
     world = dist.get_world_size()
     from megatron_patch.training.arguments import validate
 
@@ -57,6 +57,7 @@ def initialize(args) -> None:
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=vpp,
         expert_model_parallel_size=args.expert_model_parallel_size,
+        distributed_timeout_minutes=args.distributed_timeout_minutes,
     )
     seed_all(args.seed)
 

@@ -197,7 +197,8 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
 
     def body():
-        platform.init_process_group()  # first: an error below is then printed by rank 0 only
+        # first: an error below is then printed by rank 0 only
+        platform.init_process_group(args.distributed_timeout_minutes)
         check_counts(args)
         engine.check_checkpoint_args(args)
         if args.eval_only:
