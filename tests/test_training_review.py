@@ -394,3 +394,51 @@ def test_distributed_timeout_minutes_reaches_every_process_group(tmp_path):
     assert build_parser().parse_args(["--seq-length", "8"]).distributed_timeout_minutes == 30
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--seq-length", "8", "--distributed-timeout-minutes", "0"])
+
+
+def _schedule(*flags, world=1):
+    from megatron_patch.training.arguments import build_parser, validate
+
+    args = build_parser().parse_args(["--seq-length", "16", "--micro-batch-size", "2",
+                                      "--global-batch-size", "8", "--mock-data", *flags])
+    validate(args, world)
+    return args.train_iters, args.lr_warmup_iters, args.lr_decay_iters
+
+
+def test_sample_based_schedule_and_warmup_fraction():
+    """Megatron-LM's sample-based flags and warmup fraction, derived as it derives them
+    (samples / global batch; warmup = fraction x decay iterations), beside iterations and tokens;
+    two ways of giving one quantity are one error naming both."""
+    from megatron_patch.training.arguments import ArgumentError
+
+    assert _schedule("--train-samples", "800") == (100, 0, 100)
+    assert _schedule("--train-samples", "804", "--lr-warmup-samples", "80",
+                     "--lr-decay-samples", "400") == (100, 10, 50)
+    assert _schedule("--train-iters", "100", "--lr-warmup-fraction", "0.05") == (100, 5, 100)
+    assert _schedule("--train-iters", "100", "--lr-decay-iters", "60",
+                     "--lr-warmup-fraction", "0.1") == (100, 6, 60)
+    assert _schedule("--train-tokens", str(8 * 16 * 30), "--lr-warmup-tokens",
+                     str(8 * 16 * 3)) == (30, 3, 30)
+    assert _schedule("--train-iters", "7", "--lr-warmup-iters", "2") == (7, 2, 7)
+    for flags, named in ((["--train-iters", "5", "--train-samples", "40"],
+                          "(got --train-iters, --train-samples)"),
+                         (["--train-tokens", "999", "--train-samples", "40"],
+                          "(got --train-samples, --train-tokens)"),
+                         (["--train-iters", "5", "--lr-decay-iters", "4", "--lr-decay-samples", "8"],
+                          "(got --lr-decay-iters, --lr-decay-samples)"),
+                         (["--train-iters", "5", "--lr-warmup-samples", "8",
+                           "--lr-warmup-fraction", "0.1"],
+                          "(got --lr-warmup-samples, --lr-warmup-fraction)"),
+                         (["--train-iters", "5", "--lr-warmup-iters", "1",
+                           "--lr-warmup-fraction", "0.1"], "--lr-warmup-fraction")):
+        with pytest.raises(ArgumentError) as e:
+            _schedule(*flags)
+        assert "give one of" in str(e.value) and named in str(e.value), str(e.value)
+    with pytest.raises(ArgumentError, match="--train-iters, --train-samples or --train-tokens"):
+        _schedule()
+
+
+def test_train_samples_must_be_positive(tmp_path):
+    line, _ = _error(["-m", "megatron_patch.training.pretrain", *TINY[:-2], "--train-samples",
+                      "0"])
+    assert line == "error: --train-samples must be positive, got 0"

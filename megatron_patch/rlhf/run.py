@@ -44,15 +44,17 @@ TWINS = {"policy": "ppo_policy", "reward_forward": "reward_train"}
 DEFAULT_SAVE = {"ppo_policy": "ppo_policy", "reward_train": "ppo_value"}
 # Megatron keys of the per-model files that the trainer sets itself (a warning when a file sets one)
 SET_BY_TRAINER = {
-    "micro_batch_size": "rlhf.train_micro_batch_size", "global_batch_size":
-    "rlhf.train_global_batch_size", "train_iters": "the episodes and batch sizes", "epochs":
-    "the episodes and batch sizes", "train_tokens": "the episodes and batch sizes",
-    "lr_decay_iters": "all the optimizer steps of the run", "save_interval":
-    "rlhf.save_episode_interval", "exit_interval": "rlhf.num_ppo_episode", "log_interval":
-    "every episode", "eval_interval": "no evaluation", "eval_iters": "no evaluation", "eval_only":
-    "no evaluation", "train_data": "rlhf.data_path", "valid_data": "rlhf.data_path", "data_path":
-    "rlhf.data_path", "mock_data": "rlhf.data_path", "task": "the role", "packing": "no packing",
-    "reward_margin": "no reward-model loss"}
+    "micro_batch_size": "rlhf.train_micro_batch_size",
+    "global_batch_size": "rlhf.train_global_batch_size",
+    "train_iters": "the episodes and batch sizes", "epochs": "the episodes and batch sizes",
+    "train_tokens": "the episodes and batch sizes", "train_samples": "the episodes and batch sizes",
+    "lr_decay_iters": "all the optimizer steps of the run",
+    "lr_decay_samples": "all the optimizer steps of the run",
+    "save_interval": "rlhf.save_episode_interval", "exit_interval": "rlhf.num_ppo_episode",
+    "log_interval": "every episode", "eval_interval": "no evaluation",
+    "eval_iters": "no evaluation", "eval_only": "no evaluation", "train_data": "rlhf.data_path",
+    "valid_data": "rlhf.data_path", "data_path": "rlhf.data_path", "mock_data": "rlhf.data_path",
+    "task": "the role", "packing": "no packing", "reward_margin": "no reward-model loss"}
 
 
 @dataclasses.dataclass

@@ -537,6 +537,7 @@ class RLHFTrainer:
         arch = engine.resolve_arch(policy_args)
         init_args = argparse.Namespace(**vars(policy_args))  # the schedule is the trainer's
         init_args.train_iters, init_args.train_tokens, init_args.epochs = steps, None, None
+        init_args.train_samples = init_args.lr_decay_samples = None
         engine.initialize(init_args)
         self.layouts = Layouts(layout_key(init_args), seed=init_args.seed,
                                timeout_minutes=timeout)
@@ -615,7 +616,8 @@ class RLHFTrainer:
         args.micro_batch_size = self.cfg.train_micro_batch_size
         args.seq_length = self.seq
         args.train_iters, args.lr_decay_iters = steps, None
-        args.train_tokens = args.epochs = None  # the schedule is the episodes' optimizer steps
+        # the schedule is the episodes' optimizer steps
+        args.train_tokens = args.train_samples = args.lr_decay_samples = args.epochs = None
         validate(args, dist.get_world_size())  # precision, data parallel size, schedule
         if arch is None:
             arch = engine.resolve_arch(args)

@@ -78,6 +78,8 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-iters", type=int, default=None)
     g.add_argument("--train-tokens", type=int, default=None,
                    help="alternative to --train-iters: iterations = tokens / (GBS x seq)")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="alternative to --train-iters (Megatron-LM's): iterations = samples / GBS")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--min-lr", type=float, default=0.0)
@@ -85,7 +87,11 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
                                                 "inverse-square-root", "WSD"], default="cosine")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-warmup-tokens", type=int, default=None)
+    g.add_argument("--lr-warmup-samples", type=int, default=None)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="warmup iterations as a fraction of the decay iterations")
     g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-decay-samples", type=int, default=None)
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
@@ -162,22 +168,50 @@ def parse_args(argv: Optional[List[str]] = None, parser: Optional[argparse.Argum
 
 
 def derive_schedule(args) -> None:
-    """Iterations from tokens when not given; warmup and decay iterations."""
+    """Iterations from tokens or samples when not given; warmup and decay iterations (from
+    iterations, tokens, samples or, for warmup, a fraction of the decay), as Megatron-LM derives
+    them: samples / global batch, tokens / (global batch x sequence length)."""
+    gbs, seq = args.global_batch_size, args.seq_length
+    _one_of(args, "train_iters", "train_samples", "train_tokens")
+    _one_of(args, "lr_decay_iters", "lr_decay_samples")
+    warmups = ["lr_warmup_tokens", "lr_warmup_samples", "lr_warmup_fraction"]
+    _one_of(args, *warmups)
+    if getattr(args, "lr_warmup_iters", 0) and any(getattr(args, w, None) is not None
+                                                   for w in warmups):
+        raise ArgumentError("give one of --lr-warmup-iters, --lr-warmup-tokens, "
+                            "--lr-warmup-samples, --lr-warmup-fraction")
     if args.train_iters is None:
-        if args.train_tokens is None:
-            raise ArgumentError("give --train-iters or --train-tokens")
-        args.train_iters = max(1, args.train_tokens // (args.global_batch_size * args.seq_length))
-    if args.lr_warmup_tokens is not None:
-        args.lr_warmup_iters = args.lr_warmup_tokens // (args.global_batch_size * args.seq_length)
+        if getattr(args, "train_samples", None) is not None:
+            args.train_iters = max(1, args.train_samples // gbs)
+        elif args.train_tokens is not None:
+            args.train_iters = max(1, args.train_tokens // (gbs * seq))
+        else:
+            raise ArgumentError("give --train-iters, --train-samples or --train-tokens")
+    if getattr(args, "lr_decay_samples", None) is not None:
+        args.lr_decay_iters = max(1, args.lr_decay_samples // gbs)
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
+    if args.lr_warmup_tokens is not None:
+        args.lr_warmup_iters = args.lr_warmup_tokens // (gbs * seq)
+    elif getattr(args, "lr_warmup_samples", None) is not None:
+        args.lr_warmup_iters = args.lr_warmup_samples // gbs
+    elif getattr(args, "lr_warmup_fraction", None) is not None:
+        args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
     args.lr_warmup_iters = min(args.lr_warmup_iters, max(args.lr_decay_iters - 1, 0))
+
+
+def _one_of(args, *names) -> None:
+    given = [n for n in names if getattr(args, n, None) is not None]
+    if len(given) > 1:
+        raise ArgumentError("give one of " + ", ".join("--" + n.replace("_", "-") for n in names)
+                            + f" (got {', '.join('--' + n.replace('_', '-') for n in given)})")
 
 
 # flag -> smallest value that makes sense (a zero or negative batch, length or count would end
 # in a ZeroDivisionError, an assertion deep in megatron-core, or a run that silently trains nothing)
 _MINIMUM = {"micro_batch_size": 1, "global_batch_size": 1, "seq_length": 1, "train_iters": 0,
-            "train_tokens": 1, "lr_warmup_iters": 0, "lr_warmup_tokens": 0, "lr_decay_iters": 1,
+            "train_tokens": 1, "train_samples": 1, "lr_warmup_iters": 0, "lr_warmup_tokens": 0,
+            "lr_warmup_samples": 0, "lr_decay_iters": 1, "lr_decay_samples": 1,
             "eval_iters": 0, "eval_interval": 0, "log_interval": 1, "exit_interval": 0,
             "epochs": 1, "pad_len": 1}
 
