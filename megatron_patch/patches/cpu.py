@@ -330,7 +330,7 @@ def _tp_native_linear():
 @register("tp.one_rank_mappings",
           "megatron.core.tensor_parallel.layers.copy_to_/reduce_from_tensor_model_parallel_region",
           "speed: on a tensor-parallel group of one rank both are identities forward and "
-          "backward, yet each adds a Python autograd node (two per linear layer pair)",
+          "backward, yet each adds a Python autograd node (one per linear layer)",
           stage="megatron", when="cpu")
 def _tp_one_rank_mappings():
     from megatron.core.tensor_parallel import layers

@@ -186,8 +186,9 @@ def _rng_file(d: str, rank: int, tp_rank: int, pp_rank: int) -> Optional[str]:
     """The RNG state file of global rank ``rank`` in the torch_dist checkpoint folder ``d``: its
     own, or, when the data-parallel size changed since the save (another rank number at the same
     TP and PP ranks), the first saved rank's at the same TP and PP ranks: megatron-core seeds every
-    stream by TP and PP rank only, so data-parallel ranks hold the same states. None when no saved
-    rank had these TP and PP ranks."""
+    stream but the expert-parallel one by TP and PP rank only, so data-parallel ranks hold the same
+    states (``_restore_rng`` keeps the expert stream). None when no saved rank had these TP and PP
+    ranks."""
     folder = os.path.join(d, "rng")
     own = os.path.join(folder, f"rank_{rank:05d}_tp{tp_rank}_pp{pp_rank}.pt")
     if os.path.isfile(own):
