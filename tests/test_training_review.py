@@ -442,3 +442,38 @@ def test_train_samples_must_be_positive(tmp_path):
     line, _ = _error(["-m", "megatron_patch.training.pretrain", *TINY[:-2], "--train-samples",
                       "0"])
     assert line == "error: --train-samples must be positive, got 0"
+
+
+BUSY_PORT_WORKER = r"""
+import os
+import socket
+
+import torch.distributed as dist
+
+from megatron_patch import platform
+
+busy = socket.socket()
+busy.bind(("127.0.0.1", 0))
+busy.listen()
+port = busy.getsockname()[1]
+platform.free_port = lambda: port  # the race: the port chosen beforehand was taken meanwhile
+platform.init_process_group()
+assert dist.get_world_size() == 1 and os.environ["MASTER_PORT"] != str(port)
+dist.barrier()
+print("WORLD OF ONE OK", os.environ["MASTER_PORT"])
+"""
+
+
+def test_world_of_one_never_races_for_its_port(tmp_path):
+    """A process started without torchrun (a world of one) chose a free port, released it, then
+    let the store bind it: another socket could take it in between (one CI run failed with
+    EADDRINUSE). The store now binds port 0 itself; a port taken meanwhile cannot matter."""
+    import subprocess
+    import sys
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(BUSY_PORT_WORKER)
+    env = {k: v for k, v in _env().items() if k not in ("MASTER_PORT", "WORLD_SIZE", "RANK")}
+    r = subprocess.run([sys.executable, str(worker)], capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert r.returncode == 0 and "WORLD OF ONE OK" in r.stdout, r.stderr[-3000:]

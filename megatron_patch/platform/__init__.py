@@ -63,15 +63,16 @@ def init_process_group(timeout_minutes: int = 30) -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        if int(os.environ["WORLD_SIZE"]) > 1:
-            raise RuntimeError("WORLD_SIZE > 1 needs MASTER_PORT (use torchrun)")
-        os.environ["MASTER_PORT"] = str(free_port())
+    own_port = "MASTER_PORT" not in os.environ
+    if own_port and int(os.environ["WORLD_SIZE"]) > 1:
+        raise RuntimeError("WORLD_SIZE > 1 needs MASTER_PORT (use torchrun)")
     if use_cuda():
         torch.cuda.set_device(local_rank() % torch.cuda.device_count())
-    dist.init_process_group(
-        backend=backend(),
-        rank=int(os.environ["RANK"]),
-        world_size=int(os.environ["WORLD_SIZE"]),
-        timeout=datetime.timedelta(minutes=timeout_minutes),
-    )
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    store = None
+    if own_port:  # a world of one: its store binds port 0 itself (no window for another socket
+        # to take a port chosen beforehand, as free_port() leaves one)
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], 0, 1, is_master=True, timeout=timeout)
+        os.environ["MASTER_PORT"] = str(store.port)
+    dist.init_process_group(backend=backend(), store=store, rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
