@@ -347,6 +347,13 @@ def test_torch_dist_rng_restore_across_a_data_parallel_change(tmp_path, capsys):
         torch.set_rng_state(saved_cpu)
 
 
+def _world_of_one_env():
+    """The environment of a process started alone: without the rendezvous variables that this
+    pytest process set for its own world of one (its store holds that MASTER_PORT)."""
+    rendezvous = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")
+    return {k: v for k, v in _env().items() if k not in rendezvous}
+
+
 TIMEOUT_WORKER = r"""
 import torch
 from megatron.core import parallel_state as ps
@@ -388,7 +395,7 @@ def test_distributed_timeout_minutes_reaches_every_process_group(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(TIMEOUT_WORKER)
     r = subprocess.run([sys.executable, str(worker)], capture_output=True, text=True, timeout=300,
-                       env=_env(MEGATRON_PATCH_DEVICE="cpu"))
+                       env=_world_of_one_env())
     assert r.returncode == 0, r.stderr[-3000:]
     assert "TIMEOUTS [7, 7, 7, 7, 9]" in r.stdout, r.stdout
     assert build_parser().parse_args(["--seq-length", "8"]).distributed_timeout_minutes == 30
@@ -473,7 +480,6 @@ def test_world_of_one_never_races_for_its_port(tmp_path):
 
     worker = tmp_path / "worker.py"
     worker.write_text(BUSY_PORT_WORKER)
-    env = {k: v for k, v in _env().items() if k not in ("MASTER_PORT", "WORLD_SIZE", "RANK")}
     r = subprocess.run([sys.executable, str(worker)], capture_output=True, text=True, timeout=300,
-                       env=env)
+                       env=_world_of_one_env())
     assert r.returncode == 0 and "WORLD OF ONE OK" in r.stdout, r.stderr[-3000:]
