@@ -12,6 +12,7 @@ import socket
 
 import torch
 
+DEFAULT_TIMEOUT_MINUTES = 30  # torch.distributed / megatron-core process groups
 _FORCED = os.environ.get("MEGATRON_PATCH_DEVICE", "").strip().lower()
 if _FORCED not in ("", "cpu", "cuda", "auto"):
     raise ValueError(f"MEGATRON_PATCH_DEVICE must be cpu, cuda or auto, got {_FORCED!r}")
@@ -53,7 +54,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(timeout_minutes: int = 30) -> None:
+def init_process_group(timeout_minutes: int = DEFAULT_TIMEOUT_MINUTES) -> None:
     """Initialise torch.distributed from the torchrun environment (or as a world of one)."""
     import torch.distributed as dist
 

@@ -27,6 +27,8 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import random as mr
 
+from megatron_patch import platform
+
 # buffers shared by every layout (not part of a layout's groups)
 _SHARED = {"_GLOBAL_MEMORY_BUFFER", "_GLOBAL_SYMMETRIC_MEMORY_BUFFER"}
 
@@ -70,7 +72,7 @@ class Layouts:
     added layouts' process groups (``--distributed-timeout-minutes``)."""
 
     def __init__(self, first_key: Hashable, seed: Optional[int] = None,
-                 timeout_minutes: int = 30):
+                 timeout_minutes: int = platform.DEFAULT_TIMEOUT_MINUTES):
         if not ps.model_parallel_is_initialized():
             raise RuntimeError("initialise megatron-core's parallel state first")
         self._states = {first_key: _snapshot()}

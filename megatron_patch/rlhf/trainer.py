@@ -520,7 +520,7 @@ class RLHFTrainer:
         check_config(cfg)
         if reward_args is None and not cfg.reward_function:
             raise ArgumentError("give a reward model or a reward_function (module:function)")
-        timeout = getattr(policy_args, "distributed_timeout_minutes", 30)
+        timeout = policy_args.distributed_timeout_minutes
         platform.init_process_group(timeout)
         world = dist.get_world_size()
         check_layouts({"policy": policy_args, "generation": generation_args,

@@ -10,6 +10,8 @@ import argparse
 import os
 from typing import List, Optional
 
+from megatron_patch import platform
+
 
 class ArgumentError(ValueError):
     pass
@@ -65,9 +67,10 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true")
     g.add_argument("--overlap-param-gather", action="store_true")
-    g.add_argument("--distributed-timeout-minutes", type=_positive_int, default=30,
+    g.add_argument("--distributed-timeout-minutes", type=_positive_int,
+                   default=platform.DEFAULT_TIMEOUT_MINUTES,
                    help="timeout of torch.distributed's collectives and of megatron-core's "
-                        "process groups (default 30; raise it where a rank may wait long on the "
+                        "process groups (default %(default)s; raise it where a rank may wait long on the "
                         "others, e.g. while a large checkpoint loads)")
 
 
@@ -176,32 +179,31 @@ def derive_schedule(args) -> None:
     _one_of(args, "lr_decay_iters", "lr_decay_samples")
     warmups = ["lr_warmup_tokens", "lr_warmup_samples", "lr_warmup_fraction"]
     _one_of(args, *warmups)
-    if getattr(args, "lr_warmup_iters", 0) and any(getattr(args, w, None) is not None
-                                                   for w in warmups):
+    if args.lr_warmup_iters and any(getattr(args, w) is not None for w in warmups):
         raise ArgumentError("give one of --lr-warmup-iters, --lr-warmup-tokens, "
                             "--lr-warmup-samples, --lr-warmup-fraction")
     if args.train_iters is None:
-        if getattr(args, "train_samples", None) is not None:
+        if args.train_samples is not None:
             args.train_iters = max(1, args.train_samples // gbs)
         elif args.train_tokens is not None:
             args.train_iters = max(1, args.train_tokens // (gbs * seq))
         else:
             raise ArgumentError("give --train-iters, --train-samples or --train-tokens")
-    if getattr(args, "lr_decay_samples", None) is not None:
+    if args.lr_decay_samples is not None:
         args.lr_decay_iters = max(1, args.lr_decay_samples // gbs)
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
     if args.lr_warmup_tokens is not None:
         args.lr_warmup_iters = args.lr_warmup_tokens // (gbs * seq)
-    elif getattr(args, "lr_warmup_samples", None) is not None:
+    elif args.lr_warmup_samples is not None:
         args.lr_warmup_iters = args.lr_warmup_samples // gbs
-    elif getattr(args, "lr_warmup_fraction", None) is not None:
+    elif args.lr_warmup_fraction is not None:
         args.lr_warmup_iters = int(args.lr_warmup_fraction * args.lr_decay_iters)
     args.lr_warmup_iters = min(args.lr_warmup_iters, max(args.lr_decay_iters - 1, 0))
 
 
 def _one_of(args, *names) -> None:
-    given = [n for n in names if getattr(args, n, None) is not None]
+    given = [n for n in names if getattr(args, n) is not None]
     if len(given) > 1:
         raise ArgumentError("give one of " + ", ".join("--" + n.replace("_", "-") for n in names)
                             + f" (got {', '.join('--' + n.replace('_', '-') for n in given)})")

@@ -176,10 +176,15 @@ def save_checkpoint(root: str, iteration: int, model: List[torch.nn.Module], opt
                 msd, metadata={"distrib_optim_sharding_type": SHARDING_TYPE})
         dist_checkpointing.save(sharded, partial)
         layout.atomic_torch_save(rng_state(), os.path.join(
-            partial, "rng", f"rank_{dist.get_rank():05d}_tp{tp_rank}_pp{pp_rank}.pt"))
+            partial, "rng", _rng_name(dist.get_rank(), tp_rank, pp_rank)))
     else:
         raise ValueError(f"unknown checkpoint format {ckpt_format!r}")
     _finalize(root, partial, final, iteration)
+
+
+def _rng_name(rank: int, tp_rank: int, pp_rank: int) -> str:
+    """The name of a rank's RNG state file in a torch_dist checkpoint's ``rng`` folder."""
+    return f"rank_{rank:05d}_tp{tp_rank}_pp{pp_rank}.pt"
 
 
 def _rng_file(d: str, rank: int, tp_rank: int, pp_rank: int) -> Optional[str]:
@@ -190,10 +195,10 @@ def _rng_file(d: str, rank: int, tp_rank: int, pp_rank: int) -> Optional[str]:
     states (``_restore_rng`` keeps the expert stream). None when no saved rank had these TP and PP
     ranks."""
     folder = os.path.join(d, "rng")
-    own = os.path.join(folder, f"rank_{rank:05d}_tp{tp_rank}_pp{pp_rank}.pt")
+    own = os.path.join(folder, _rng_name(rank, tp_rank, pp_rank))
     if os.path.isfile(own):
         return own
-    suffix = f"_tp{tp_rank}_pp{pp_rank}.pt"
+    suffix = _rng_name(rank, tp_rank, pp_rank)[len(f"rank_{rank:05d}"):]
     same = sorted(f for f in os.listdir(folder)
                   if f.startswith("rank_") and f.endswith(suffix)) if os.path.isdir(folder) else []
     return os.path.join(folder, same[0]) if same else None
@@ -212,7 +217,7 @@ def _restore_rng(d: str, rank: int, tp_rank: int, pp_rank: int, dp_rank: int) ->
                   flush=True)
         return None
     state = layout.safe_load(rng_file)
-    if not os.path.basename(rng_file).startswith(f"rank_{rank:05d}_"):
+    if os.path.basename(rng_file) != _rng_name(rank, tp_rank, pp_rank):
         name = tensor_parallel.random.get_expert_parallel_rng_tracker_name()
         mine = tensor_parallel.get_cuda_rng_tracker().get_states()
         if name in mine and name in state["tracker"]:
